@@ -1,0 +1,1 @@
+"""TerraFM pretraining (DINO with dual centering); never imported by terrafm."""
