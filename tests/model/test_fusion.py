@@ -1,0 +1,146 @@
+"""Cross-attention fusion invariants on a tiny model, and an independent per-position loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from terrafm.model import create_model
+
+B, S = 2, 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("terrafm_tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(1)
+    return {"s2_l2a": torch.rand(B, 12, S, S, generator=g), "s2_l1c": torch.rand(B, 12, S, S, generator=g),
+            "s1": torch.rand(B, 2, S, S, generator=g)}
+
+
+def run(model, inputs, masks=None):
+    with torch.inference_mode():
+        return model(inputs, masks)
+
+
+def test_one_modality_is_the_single_path_bit_for_bit(model, images):
+    single = run(model, {"s2_l2a": images["s2_l2a"]})
+    masked_others = run(model, images, {"s2_l1c": torch.zeros(B, 4, 4, dtype=torch.bool),
+                                        "s1": torch.zeros(B, S, S, dtype=torch.bool)})
+    assert torch.equal(single.cls, masked_others.cls)
+    assert torch.equal(single.patch, masked_others.patch)
+    assert masked_others.valid.all()
+
+
+def test_modality_order_does_not_matter(model, images):
+    forward = run(model, images)
+    backward = run(model, dict(reversed(list(images.items()))))
+    assert torch.equal(forward.patch, backward.patch)
+
+
+def test_fusion_changes_the_output_and_uses_every_modality(model, images):
+    fused = run(model, images)
+    single = run(model, {"s2_l2a": images["s2_l2a"]})
+    assert not torch.allclose(fused.patch, single.patch, atol=1e-4)
+    changed = dict(images, s1=images["s1"] + 0.3)
+    assert not torch.allclose(run(model, changed).patch, fused.patch, atol=1e-5)
+
+
+def test_masked_modality_has_no_influence(model, images):
+    mask = torch.ones(B, 4, 4, dtype=torch.bool)
+    mask[0, 1:3, 1:3] = False
+    mask[1] = False
+    masks = {"s1": mask}
+    base = run(model, images, masks)
+    # change S1 pixels only under its invalid patches
+    pixel_invalid = (~mask).repeat_interleave(16, 1).repeat_interleave(16, 2)
+    altered = images["s1"] + 5.0 * pixel_invalid.unsqueeze(1)
+    other = run(model, dict(images, s1=altered), masks)
+    assert torch.equal(base.patch, other.patch) and torch.equal(base.cls, other.cls)
+    # sample 1 has S1 masked everywhere: identical to the S2-only run for that sample
+    no_s1 = run(model, {k: v for k, v in images.items() if k != "s1"})
+    assert torch.equal(base.patch[1], no_s1.patch[1])
+
+
+def test_all_masked_position_is_invalid_finite_and_isolated(model, images):
+    masks = {k: torch.ones(B, 4, 4, dtype=torch.bool) for k in images}
+    for m in masks.values():
+        m[0, 2, 3] = False
+    out = run(model, images, masks)
+    assert not out.valid[0, 2, 3] and out.valid.sum() == B * 16 - 1
+    assert torch.isfinite(out.patch).all() and torch.isfinite(out.cls).all()
+    assert torch.count_nonzero(out.patch[0, 2, 3]) == 0
+    # pixels at the invalid position do not reach any other output
+    altered = {k: v.clone() for k, v in images.items()}
+    for v in altered.values():
+        v[0, :, 32:48, 48:64] += 3.0
+    again = run(model, altered, masks)
+    assert torch.equal(out.patch, again.patch) and torch.equal(out.cls, again.cls)
+
+
+def test_all_positions_masked_gives_all_invalid(model, images):
+    masks = {k: torch.zeros(B, S, S, dtype=torch.bool) for k in images}
+    out = run(model, images, masks)
+    assert not out.valid.any() and torch.isfinite(out.cls).all()
+
+
+def test_pixel_masks_reduce_to_patches_at_half_coverage(model, images):
+    pixel = torch.ones(B, S, S, dtype=torch.bool)
+    pixel[:, :16, :16] = False          # patch (0, 0): 0 % valid -> invalid
+    pixel[:, 16:32, :8] = False         # patch (1, 0): 50 % valid -> valid
+    pixel[:, 32:48, :9] = False         # patch (2, 0): 43.75 % valid -> invalid
+    patch = torch.ones(B, 4, 4, dtype=torch.bool)
+    patch[:, 0, 0] = patch[:, 2, 0] = False
+    a = run(model, images, {"s1": pixel})
+    b = run(model, images, {"s1": patch})
+    assert torch.equal(a.patch, b.patch)
+
+
+def test_gradients_reach_the_fusion_parameters(images):
+    model = create_model("terrafm_tiny").train()
+    out = model(images, {"s1": torch.rand(B, 4, 4) > 0.3})
+    (out.patch.square().mean() + out.cls.square().mean()).backward()
+    fusion = dict(model.patch_embed.fusion.named_parameters())
+    assert set(fusion) == {"queries", "query_proj.weight", "query_proj.bias", "key_proj.weight",
+                           "key_proj.bias", "score"}
+    for name, p in fusion.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_fusion_matches_a_per_position_loop(model, images):
+    """The batched fusion against the paper's per-position pseudocode, in float64."""
+    pe = model.patch_embed
+    fusion = pe.fusion
+    keys = ["s2_l2a", "s2_l1c", "s1"]
+    valid = torch.rand(B * 16, 3, generator=torch.Generator().manual_seed(3)) > 0.4
+    with torch.no_grad():
+        tokens = torch.stack([pe.modality_tokens(k, images[k]) for k in keys], 2).reshape(B * 16, 3, -1)
+        values = pe.projection.value(tokens)
+        batched = fusion(tokens, values, valid)
+        Q = (fusion.queries.double() @ fusion.query_proj.weight.double().T + fusion.query_proj.bias.double())
+        heads = fusion.num_heads
+        dim = Q.shape[-1]
+        hd = dim // heads
+        for n in range(B * 16):
+            idx = valid[n].nonzero().flatten()
+            if len(idx) == 0:
+                assert torch.count_nonzero(batched[n]) == 0
+                continue
+            Z = tokens[n, idx].double()
+            K = Z @ fusion.key_proj.weight.double().T + fusion.key_proj.bias.double()
+            V = values[n, idx].double()
+            out = torch.empty(Q.shape[0], dim, dtype=torch.float64)
+            for h in range(heads):
+                sl = slice(h * hd, (h + 1) * hd)
+                a = torch.softmax(Q[:, sl] @ K[:, sl].T / math.sqrt(hd), dim=-1)
+                out[:, sl] = a @ V[:, sl]
+            w = torch.softmax(out @ fusion.score.double(), dim=0)
+            expected = (w[:, None] * out).sum(0)
+            assert torch.allclose(batched[n].double(), expected, atol=1e-5), n

@@ -1,0 +1,96 @@
+"""terrafm_base with a release-layout checkpoint == an independent float64 re-implementation."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from reference_terrafm import random_release_checkpoint, reference_forward, release_shapes
+from terrafm.model import create_model, load_weights
+
+STEMS = {"s2_l2a": 12, "s2_l1c": 12, "s1": 2}
+
+
+@pytest.fixture(scope="module")
+def release_file(tmp_path_factory):
+    state = random_release_checkpoint(seed=1)
+    path = tmp_path_factory.mktemp("ckpt") / "TerraFM-B.pth"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.fixture(scope="module")
+def base_model(release_file):
+    path, _ = release_file
+    model = create_model("terrafm_base")
+    with pytest.warns(UserWarning, match="fusion"):
+        result = load_weights(model, path)
+    assert result.n_tensors == 164 and not result.fusion_trained
+    return model.eval()
+
+
+def test_release_layout_counts(release_file):
+    _, state = release_file
+    assert len(state) == 164
+    assert sum(v.numel() for v in state.values()) == 112_951_296
+    model_state = create_model("terrafm_base").state_dict()
+    released = {k: tuple(v.shape) for k, v in model_state.items() if not k.startswith("patch_embed.fusion.")}
+    assert released == release_shapes()
+
+
+@pytest.mark.parametrize("modality", list(STEMS))
+def test_every_stem_matches_float64_reference_at_224(base_model, release_file, modality):
+    _, state = release_file
+    torch.manual_seed(2)
+    x = torch.rand(2, STEMS[modality], 224, 224)
+    with torch.inference_mode():
+        out = base_model({modality: x})
+    cls, patch = reference_forward(state, modality, x)
+    assert out.valid.all()
+    assert (out.cls.double() - cls).abs().max().item() <= 1e-5
+    assert (out.patch.double() - patch).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("side", [128, 256])
+def test_other_sizes_resize_pos_embed_bicubically(base_model, release_file, side):
+    _, state = release_file
+    x = torch.rand(1, 12, side, side, generator=torch.Generator().manual_seed(side))
+    with torch.inference_mode():
+        out = base_model({"s2_l2a": x})
+        again = base_model({"s2_l2a": x})  # served from the pos_embed cache
+    cls, patch = reference_forward(state, "s2_l2a", x)
+    assert out.patch.shape == (1, side // 16, side // 16, 768)
+    assert (out.patch.double() - patch).abs().max().item() <= 1e-4
+    assert (out.cls.double() - cls).abs().max().item() <= 1e-4
+    assert torch.equal(out.patch, again.patch)
+
+
+def test_intermediate_layers_match_reference_depths(base_model, release_file):
+    """The last requested layer with the final norm is the model output."""
+    x = torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        layers = base_model.get_intermediate_layers({"s1": x}, indices=(3, 5, 7, 11))
+        out = base_model({"s1": x})
+    assert [tuple(t.shape) for t in layers] == [(1, 4, 4, 768)] * 4
+    assert torch.allclose(layers[-1], out.patch, atol=1e-6)
+    assert not torch.allclose(layers[0], layers[-1])
+    last_two = base_model.get_intermediate_layers({"s1": x}, indices=2)
+    assert torch.allclose(last_two[1], out.patch, atol=1e-6)
+
+
+def test_pos_embed_cache_follows_parameter_updates(base_model):
+    x = torch.rand(1, 2, 96, 96)
+    with torch.inference_mode():
+        before = base_model({"s1": x}).cls.clone()
+    saved = base_model.pos_embed.detach().clone()
+    try:
+        with torch.no_grad():
+            base_model.pos_embed.add_(0.5)
+        with torch.inference_mode():
+            after = base_model({"s1": x}).cls
+        assert not torch.allclose(before, after)
+    finally:
+        with torch.no_grad():
+            base_model.pos_embed.copy_(saved)
