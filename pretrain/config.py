@@ -1,0 +1,212 @@
+"""Pretraining configuration: nested dataclasses, loaded from YAML, validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PretrainConfig", "ModelSection", "DataSection", "AugmentSection", "OptimSection",
+           "RunSection", "load_config", "ConfigError", "CONFIG_DIR"]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A pretraining config that cannot work as written."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "terrafm_base"
+    drop_path_rate: float = 0.1
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = True
+
+
+@dataclass
+class DataSection:
+    kind: str = "majortom"               # "majortom" | "folder"
+    root: str | None = None              # Major-TOM: dir with <modality>/ subdirs; folder: sample dirs
+    modalities: list[str] = field(default_factory=lambda: ["s2_l2a", "s2_l1c", "s1"])
+    cell_stats: str | None = None        # CSV/parquet: grid_cell, worldcover, climate, region, ocean_fraction
+    tile_size: int = 534
+    frequent_classes: list[int] | None = None   # None: the top `n_frequent` classes of cell_stats
+    n_frequent: int = 3
+    ocean_keep: float = 0.02
+    knn_root: str | None = None          # labelled held-out folder dataset for the kNN monitor
+    num_workers: int = 8
+
+
+@dataclass
+class AugmentSection:
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 10
+    global_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
+    modality_threshold: float = 0.5
+
+
+@dataclass
+class OptimSection:
+    epochs: int = 150
+    epoch_samples: int = 300_000
+    batch_size: int = 1024               # global batch over all ranks
+    base_lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 30
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    teacher_temp: float = 0.06
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 50
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    alpha: float = 0.8
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 3
+
+
+@dataclass
+class RunSection:
+    output_dir: str = "runs/terrafm"
+    seed: int = 0
+    amp: str = "bf16"                    # "bf16" | "fp16" | "none"
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    knn_every: int = 5000
+    knn_k: int = 20
+    tensorboard: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a run needs. ``fingerprint`` covers what defines the run, not where it logs."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return self.optim.epoch_samples // self.optim.batch_size
+
+    @property
+    def total_iters(self) -> int:
+        return self.optim.epochs * self.iters_per_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        defining = self.to_dict()
+        for volatile in ("output_dir", "checkpoint_every", "log_every", "knn_every", "tensorboard"):
+            defining["run"].pop(volatile)
+        defining["data"].pop("num_workers")
+        return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self, world_size: int = 1) -> "PretrainConfig":
+        """Raise :class:`ConfigError` listing every inconsistency (and how to fix it)."""
+        from terrafm.model import list_models
+        from terrafm.sensors import MODALITIES, PATCH_SIZE
+
+        a, o, d, m = self.augment, self.optim, self.data, self.model
+        problems = []
+        if m.name not in list_models():
+            problems.append(f"model.name {m.name!r} is not registered; use one of {list_models()}")
+        for name, size in (("global_size", a.global_size), ("local_size", a.local_size)):
+            if size <= 0 or size % PATCH_SIZE:
+                problems.append(f"augment.{name}={size} must be a positive multiple of {PATCH_SIZE}")
+        if a.local_size > a.global_size:
+            problems.append(f"augment.local_size={a.local_size} exceeds global_size={a.global_size}")
+        if d.tile_size < a.local_size:
+            problems.append(f"data.tile_size={d.tile_size} is smaller than augment.local_size="
+                            f"{a.local_size}; crops are cut from tiles, so raise tile_size or lower the crop")
+        for name, (lo, hi) in (("global_scale", a.global_scale), ("local_scale", a.local_scale)):
+            if not 0 < lo <= hi <= 1:
+                problems.append(f"augment.{name}={[lo, hi]} must satisfy 0 < low <= high <= 1")
+        if a.n_local < 0:
+            problems.append(f"augment.n_local={a.n_local} must be >= 0")
+        if not 0 < a.modality_threshold <= 1:
+            problems.append(f"augment.modality_threshold={a.modality_threshold} must lie in (0, 1]")
+        unknown = [k for k in d.modalities if k not in MODALITIES]
+        if unknown or not d.modalities:
+            problems.append(f"data.modalities={d.modalities} must be a non-empty subset of {list(MODALITIES)}")
+        if d.kind not in ("majortom", "folder"):
+            problems.append(f"data.kind={d.kind!r} must be 'majortom' or 'folder'")
+        if o.batch_size % world_size:
+            problems.append(f"optim.batch_size={o.batch_size} (global) is not divisible by the "
+                            f"{world_size} ranks; pick a multiple of {world_size}")
+        if o.epoch_samples < o.batch_size:
+            problems.append(f"optim.epoch_samples={o.epoch_samples} is smaller than one batch ({o.batch_size})")
+        if not 0 <= o.warmup_epochs <= o.epochs:
+            problems.append(f"optim.warmup_epochs={o.warmup_epochs} must lie in [0, epochs={o.epochs}]")
+        if o.freeze_last_layer_epochs > o.epochs:
+            problems.append(f"optim.freeze_last_layer_epochs={o.freeze_last_layer_epochs} > epochs={o.epochs}")
+        if not 0 <= o.alpha <= 1:
+            problems.append(f"optim.alpha={o.alpha} must lie in [0, 1]")
+        if self.run.amp not in ("bf16", "fp16", "none"):
+            problems.append(f"run.amp={self.run.amp!r} must be 'bf16', 'fp16' or 'none'")
+        if m.out_dim < 2 or m.bottleneck_dim < 1 or m.hidden_dim < 1:
+            problems.append("model.out_dim, hidden_dim and bottleneck_dim must be positive (out_dim >= 2)")
+        if problems:
+            raise ConfigError("invalid pretraining config:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "augment": AugmentSection,
+             "optim": OptimSection, "run": RunSection}
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
+    """Read a YAML config (a name like ``tiny_cpu`` means ``pretrain/configs/tiny_cpu.yaml``).
+
+    ``overrides`` are ``section.field=value`` strings (YAML values), e.g. ``data.root=/data``.
+
+    Examples
+    --------
+    >>> cfg = load_config("tiny_cpu", ["optim.epochs=2"])
+    >>> cfg.model.name, cfg.optim.epochs
+    ('terrafm_tiny', 2)
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.exists() and (CONFIG_DIR / f"{path.name}.yaml").exists():
+        path = CONFIG_DIR / f"{path.name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"config {str(path)!r} not found; pass a YAML file or one of "
+                                f"{sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. data.root=/data")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = _parse_value(value)
+    sections = {}
+    for section, values in raw.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {path}; known: {list(_SECTIONS)}")
+        cls = _SECTIONS[section]
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(values or {}) - known)
+        if bad:
+            raise ConfigError(f"unknown keys {bad} in section {section!r} of {path}; known: {sorted(known)}")
+        sections[section] = cls(**(values or {}))
+    return PretrainConfig(**sections)
