@@ -62,7 +62,9 @@ def _resize_pos(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     if (gh, gw) == (side, side):
         return pos
     grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+    # the release (DINO) resizes by a scale factor with a +0.1 guard, not to a target size
+    grid = F.interpolate(grid, scale_factor=((gh + 0.1) / side, (gw + 0.1) / side), mode="bicubic",
+                         align_corners=False)
     return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
 
 

@@ -59,14 +59,15 @@ class CrossAttentionFusion(nn.Module):
             nn.init.trunc_normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, tokens: torch.Tensor, values: torch.Tensor,
+    def forward(self, keys: torch.Tensor, values: torch.Tensor,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
         """Fuse per-position modality tokens.
 
         Parameters
         ----------
-        tokens : Tensor (P, M, D)
-            Modality tokens ``Z`` (patch embedding + modality embedding) for ``P`` positions.
+        keys : Tensor (P, M, D)
+            Key projections ``W_k Z`` of the modality tokens ``Z`` (patch embedding + modality
+            embedding) at ``P`` positions; ``key_proj`` is this module's ``W_k``.
         values : Tensor (P, M, D)
             Their value projections ``W_v Z``.
         valid : bool Tensor (P, M), optional
@@ -80,7 +81,6 @@ class CrossAttentionFusion(nn.Module):
         positions, n_mod, dim = values.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         queries = self.query_proj(self.queries)                          # (Nq, D)
-        keys = self.key_proj(tokens)                                      # (P, M, D)
         q = queries.view(1, self.num_queries, heads, head_dim).transpose(1, 2)
         q = q.expand(positions, -1, -1, -1)                               # (P, H, Nq, hd)
         k = keys.view(positions, n_mod, heads, head_dim).transpose(1, 2)  # (P, H, M, hd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -31,11 +32,61 @@ class Projection(nn.Module):
         return self.proj3(self.proj2(fused))
 
 
+class _FoldedStem:
+    """Inference-time products of the stem's consecutive linear maps, computed in float64.
+
+    ``conv -> +embed -> proj1`` is one linear map of the pixels, and so are ``conv -> +embed ->
+    key_proj`` and ``proj2 -> proj3``; folding them removes two (2304 x 2304) matmuls per token
+    from TerraFM-B. Rebuilt whenever a parameter changes (version counter, storage, device).
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.weights: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _signature(params) -> tuple:
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+
+    def get(self, embed: "ModalityPatchEmbed") -> dict[str, torch.Tensor]:
+        params = list(embed.parameters())
+        key = self._signature(params)
+        if key != self.key:
+            self.weights = self._fold(embed)
+            self.key = key
+        return self.weights
+
+    @staticmethod
+    @torch.no_grad()
+    def _fold(embed: "ModalityPatchEmbed") -> dict[str, torch.Tensor]:
+        proj = embed.projection
+        dtype = proj.proj1.weight.dtype
+        w1 = proj.proj1.weight.double()
+        wk, bk = embed.fusion.key_proj.weight.double(), embed.fusion.key_proj.bias.double()
+        folded = {}
+        for key in embed.modalities:
+            conv = getattr(embed, f"conv2d_{key}")
+            shape = conv.weight.shape
+            wc = conv.weight.double().reshape(shape[0], -1)
+            offset = conv.bias.double() + getattr(embed, f"{key}_embed").double().reshape(-1)
+            folded[f"{key}.value.weight"] = (w1 @ wc).reshape(shape).to(dtype)
+            folded[f"{key}.value.bias"] = (w1 @ offset).to(dtype)
+            folded[f"{key}.key.weight"] = (wk @ wc).reshape(shape).to(dtype)
+            folded[f"{key}.key.bias"] = (wk @ offset + bk).to(dtype)
+        w2, b2 = proj.proj2.weight.double(), proj.proj2.bias.double()
+        w3, b3 = proj.proj3.weight.double(), proj.proj3.bias.double()
+        folded["out.weight"] = (w3 @ w2).to(dtype)
+        folded["out.bias"] = (w3 @ b2 + b3).to(dtype)
+        return folded
+
+
 class ModalityPatchEmbed(nn.Module):
     """Patchify each present modality with its own stem and fuse them into one token per patch.
 
     Parameter names follow the released checkpoint: ``conv2d_<key>``, ``<key>_embed`` and
-    ``projection.*``; the fusion (absent from the release) lives under ``fusion.*``.
+    ``projection.*``; the fusion (absent from the release) lives under ``fusion.*``. Without
+    gradients (inference) the linear chain runs folded (see :class:`_FoldedStem`); with
+    gradients it runs layer by layer.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -51,11 +102,32 @@ class ModalityPatchEmbed(nn.Module):
         self.fusion = CrossAttentionFusion(dim, config.fusion_queries, config.fusion_heads)
         for key in self.modalities:
             nn.init.trunc_normal_(getattr(self, f"{key}_embed"), std=0.02)
+        self._folded = _FoldedStem()
 
     def modality_tokens(self, key: str, image: torch.Tensor) -> torch.Tensor:
-        """Tokens ``conv(x) + e_m`` of one modality, shape (B, N, attn_dim)."""
+        """Tokens ``Z = conv(x) + e_m`` of one modality, shape (B, N, attn_dim)."""
         patches = getattr(self, f"conv2d_{key}")(image).flatten(2).transpose(1, 2)
         return patches + getattr(self, f"{key}_embed")
+
+    def _stem(self, key: str, image: torch.Tensor, need_keys: bool, folded):
+        """Values ``norm_input(proj1(Z))`` and, for fusion, keys ``key_proj(Z)`` of one modality."""
+        if folded is None:
+            tokens = self.modality_tokens(key, image)
+            keys = self.fusion.key_proj(tokens) if need_keys else None
+            return self.projection.value(tokens), keys
+
+        def patchify(name):
+            out = F.conv2d(image, folded[f"{key}.{name}.weight"], folded[f"{key}.{name}.bias"],
+                           stride=self.patch_size)
+            return out.flatten(2).transpose(1, 2)
+
+        values = self.projection.norm_input(patchify("value"))
+        return values, (patchify("key") if need_keys else None)
+
+    def _output(self, fused: torch.Tensor, folded) -> torch.Tensor:
+        if folded is None:
+            return self.projection.output(fused)
+        return F.linear(fused, folded["out.weight"], folded["out.bias"])
 
     def forward(self, inputs: Mapping[str, torch.Tensor],
                 patch_valid: Mapping[str, torch.Tensor] | None = None
@@ -75,25 +147,28 @@ class ModalityPatchEmbed(nn.Module):
         valid : bool Tensor (B, N) or None when every position is valid.
         """
         keys = [k for k in self.modalities if k in inputs]  # canonical order: order-invariant
-        tokens = [self.modality_tokens(k, inputs[k]) for k in keys]
-        batch, n_patches, dim = tokens[0].shape
+        folded = None if torch.is_grad_enabled() else self._folded.get(self)
+        first = inputs[keys[0]]
+        batch = first.shape[0]
+        n_patches = (first.shape[2] // self.patch_size) * (first.shape[3] // self.patch_size)
         masks = None
         if patch_valid:
             masks = [patch_valid[k] if k in patch_valid
-                     else torch.ones(batch, n_patches, dtype=torch.bool, device=tokens[0].device)
+                     else torch.ones(batch, n_patches, dtype=torch.bool, device=first.device)
                      for k in keys]
             if all(bool(m.all()) for m in masks):
                 masks = None
-        if len(keys) == 1 and masks is None:
-            return self.projection.output(self.projection.value(tokens[0])), None
+        need_fusion = len(keys) > 1 or masks is not None
+        stems = [self._stem(k, inputs[k], need_fusion, folded) for k in keys]
+        if not need_fusion:
+            return self._output(stems[0][0], folded), None
 
-        # values per modality in (B, N, D) layout, exactly as the single-modality path computes them
-        values = torch.stack([self.projection.value(t) for t in tokens], dim=2)
-        values = values.reshape(batch * n_patches, len(keys), dim)
-        stacked = torch.stack(tokens, dim=2).reshape(batch * n_patches, len(keys), dim)
+        dim = stems[0][0].shape[-1]
+        values = torch.stack([v for v, _ in stems], dim=2).reshape(batch * n_patches, len(keys), dim)
+        key_tokens = torch.stack([k for _, k in stems], dim=2).reshape(batch * n_patches, len(keys), dim)
         valid = None if masks is None else torch.stack(masks, dim=2).reshape(batch * n_patches, len(keys))
-        fused = self.fusion(stacked, values, valid).reshape(batch, n_patches, dim)
+        fused = self.fusion(key_tokens, values, valid).reshape(batch, n_patches, dim)
         position_valid = None if valid is None else valid.any(dim=1).reshape(batch, n_patches)
         if position_valid is not None and bool(position_valid.all()):
             position_valid = None
-        return self.projection.output(fused), position_valid
+        return self._output(fused, folded), position_valid

@@ -91,8 +91,13 @@ class TerraFM(nn.Module):
 
     # ------------------------------------------------------------------ positional embedding
     def interpolate_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """``pos_embed`` for a ``grid_h x grid_w`` patch grid: the learned grid resized bicubically
-        (``align_corners=False``), cached while the parameter is unchanged and no grad is needed."""
+        """``pos_embed`` for a ``grid_h x grid_w`` patch grid.
+
+        The learned grid is resized bicubically exactly as the release (and DINO) does it: a
+        scale factor of ``(grid + 0.1) / side`` rather than a target size, which is what makes
+        outputs at other input sizes agree with the published model. Cached while the parameter
+        is unchanged and no gradient is needed.
+        """
         n_learned = self.pos_embed.shape[1] - 1
         side = int(round(n_learned ** 0.5))
         if (grid_h, grid_w) == (side, side):
@@ -103,7 +108,10 @@ class TerraFM(nn.Module):
             return self._pos_cache[key]
         cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        grid = F.interpolate(grid.float(), scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
+                             mode="bicubic", align_corners=False)
+        if grid.shape[-2:] != (grid_h, grid_w):
+            raise RuntimeError(f"pos_embed resize produced {tuple(grid.shape[-2:])}, wanted {(grid_h, grid_w)}")
         grid = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
         resized = torch.cat([cls_pos, grid], dim=1)
         if cacheable:

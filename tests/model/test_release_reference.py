@@ -67,6 +67,26 @@ def test_other_sizes_resize_pos_embed_bicubically(base_model, release_file, side
     assert torch.equal(out.patch, again.patch)
 
 
+def test_non_square_input(base_model, release_file):
+    _, state = release_file
+    x = torch.rand(1, 2, 96, 160, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        out = base_model({"s1": x})
+    cls, patch = reference_forward(state, "s1", x)
+    assert out.patch.shape == (1, 6, 10, 768)
+    assert (out.patch.double() - patch).abs().max().item() <= 1e-4
+
+
+def test_training_mode_path_equals_inference_path(base_model):
+    """The layer-by-layer stem (with gradients) and the folded one (inference) agree."""
+    x = {"s2_l1c": torch.rand(1, 12, 64, 64, generator=torch.Generator().manual_seed(4))}
+    with torch.inference_mode():
+        folded = base_model(x).patch
+    with torch.enable_grad():
+        layered = base_model(x).patch.detach()
+    assert (folded - layered).abs().max().item() <= 1e-5
+
+
 def test_intermediate_layers_match_reference_depths(base_model, release_file):
     """The last requested layer with the final norm is the model output."""
     x = torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(5))
@@ -76,7 +96,8 @@ def test_intermediate_layers_match_reference_depths(base_model, release_file):
     assert [tuple(t.shape) for t in layers] == [(1, 4, 4, 768)] * 4
     assert torch.allclose(layers[-1], out.patch, atol=1e-6)
     assert not torch.allclose(layers[0], layers[-1])
-    last_two = base_model.get_intermediate_layers({"s1": x}, indices=2)
+    with torch.inference_mode():
+        last_two = base_model.get_intermediate_layers({"s1": x}, indices=2)
     assert torch.allclose(last_two[1], out.patch, atol=1e-6)
 
 
