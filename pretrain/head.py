@@ -57,8 +57,12 @@ class DINONetwork(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, inputs: Mapping[str, torch.Tensor],
-                masks: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, inputs, masks: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Head outputs for one batch ``(inputs, masks)``, or for a list of ``(inputs, masks)``
+        groups (e.g. global and local crops, which differ in size) concatenated along the batch,
+        in one call so that DDP sees a single forward."""
+        if isinstance(inputs, (list, tuple)):
+            return torch.cat([self.head(self.backbone(i, m).cls) for i, m in inputs])
         return self.head(self.backbone(inputs, masks).cls)
 
 

@@ -1,0 +1,61 @@
+"""Export the teacher backbone of a pretraining checkpoint as an inference checkpoint.
+
+``python -m pretrain.export runs/x/checkpoint.pth terrafm_pretrained.pth`` writes a flat float32
+state dict in the release layout plus ``patch_embed.fusion.*``, which
+``terrafm.model.load_weights`` loads strictly with the trained fusion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["export_teacher", "main"]
+
+
+def export_teacher(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the teacher backbone of ``checkpoint`` to ``out``; returns ``out``.
+
+    Examples
+    --------
+    >>> export_teacher("runs/tiny/checkpoint.pth", "tiny.pth")  # doctest: +SKIP
+    PosixPath('tiny.pth')
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"pretraining checkpoint {checkpoint} does not exist")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "teacher" not in state:
+        raise ValueError(f"{checkpoint} is not a pretrain.train checkpoint (no 'teacher' entry); "
+                         "export the checkpoint.pth written in run.output_dir")
+    prefix = "backbone."
+    backbone = {k[len(prefix):]: v.float().contiguous() for k, v in state["teacher"].items()
+                if k.startswith(prefix)}
+    if not any(k.startswith("patch_embed.fusion.") for k in backbone):
+        raise ValueError(f"{checkpoint}: teacher has no patch_embed.fusion parameters")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(backbone, out)
+    logger.info("exported %d tensors of %s (iteration %s) to %s", len(backbone),
+                state.get("model_name"), state.get("iteration"), out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a TerraFM teacher backbone for inference")
+    parser.add_argument("checkpoint")
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    export_teacher(args.checkpoint, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""TerraFM DINO pretraining: ``torchrun --nproc_per_node=N -m pretrain.train --config vitb_paper``.
+
+Reads top to bottom like facebookresearch/dino: data -> student/teacher -> loss -> optimizer ->
+schedules -> resume -> loop (forward, loss, backward, clip, freeze last layer, step, EMA) ->
+checkpoints, metrics and the kNN monitor. Every sample's augmentation is seeded by
+(seed, epoch, position in the global batch), so 1 rank and N ranks with the same global batch
+see the same views, and a resumed run sees the views the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .augment import MultiCropAugmentation, select_modalities
+from .config import ConfigError, PretrainConfig, load_config
+from .data import GeoTIFFFolder, MajorTOMCore, frequent_classes, read_cell_stats
+from .head import build_student_teacher, ema_update
+from .loss import DualCenteringDINOLoss
+from .schedules import build_schedules
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+# ----------------------------------------------------------------------------- distributed
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group (NCCL on GPU, Gloo on CPU); (rank, world) = (0, 1) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+# ----------------------------------------------------------------------------- data
+class AugmentedTiles(torch.utils.data.Dataset):
+    """Wraps a tile dataset; item ``(index, epoch, position)`` -> views and modality selections."""
+
+    def __init__(self, tiles, augmentation: MultiCropAugmentation, threshold: float, seed: int):
+        self.tiles, self.augmentation, self.threshold, self.seed = tiles, augmentation, threshold, seed
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        index, epoch, position = key
+        rng = np.random.default_rng([self.seed, epoch, position])
+        sample = self.tiles[index]
+        views = self.augmentation(sample["images"], sample["masks"], rng)
+        available = list(sample["images"])
+        return {"views": views, "landcover": sample["landcover"],
+                "student": [select_modalities(available, rng, self.threshold) for _ in views],
+                "teacher": [select_modalities(available, rng, self.threshold) for _ in range(2)]}
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's slice of each global batch as ``(index, epoch, position)`` keys.
+
+    Tiles are drawn with replacement by their prior weights from a per-epoch generator, so the
+    global batch is the same whatever the number of ranks; ``start_iter`` resumes mid-epoch.
+    """
+
+    def __init__(self, weights: np.ndarray, global_batch: int, iters_per_epoch: int,
+                 total_iters: int, seed: int, rank: int = 0, world: int = 1, start_iter: int = 0):
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.global_batch, self.iters_per_epoch = global_batch, iters_per_epoch
+        self.total_iters, self.seed, self.rank, self.world = total_iters, seed, rank, world
+        self.start_iter = start_iter
+        self.local_batch = global_batch // world
+
+    def __len__(self) -> int:
+        return self.total_iters - self.start_iter
+
+    def __iter__(self):
+        epoch, draws = None, None
+        for it in range(self.start_iter, self.total_iters):
+            if it // self.iters_per_epoch != epoch:
+                epoch = it // self.iters_per_epoch
+                rng = np.random.default_rng([self.seed, epoch, 7919])
+                draws = rng.choice(len(self.weights), size=self.iters_per_epoch * self.global_batch,
+                                   p=self.weights)
+            first = (it % self.iters_per_epoch) * self.global_batch + self.rank * self.local_batch
+            yield [(int(draws[p]), epoch, p) for p in range(first, first + self.local_batch)]
+
+
+def _stack_group(samples: list[dict], view_ids: Sequence[int], role: str, slot_of: dict[int, int]):
+    keys = list(samples[0]["views"][0].images)
+    inputs, masks = {}, {}
+    for key in keys:
+        chosen = torch.tensor([key in s[role][slot_of[v]] for v in view_ids for s in samples])
+        if not chosen.any():
+            continue  # nobody selected this modality in this group: do not run its stem
+        inputs[key] = torch.stack([s["views"][v].images[key] for v in view_ids for s in samples])
+        data_mask = torch.stack([s["views"][v].masks[key] for v in view_ids for s in samples])
+        masks[key] = data_mask & chosen[:, None, None]
+    return inputs, masks
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack views view-major (DINO order) into student global/local and teacher groups; masks
+    carry both nodata and the per-sample modality selection."""
+    n_views = len(samples[0]["views"])
+    student_slots = {v: v for v in range(n_views)}
+    batch = {"student": [_stack_group(samples, [0, 1], "student", student_slots)],
+             "teacher": [_stack_group(samples, [0, 1], "teacher", {0: 0, 1: 1})],
+             "landcover": torch.tensor([s["landcover"] for s in samples])}
+    if n_views > 2:
+        batch["student"].append(_stack_group(samples, list(range(2, n_views)), "student", student_slots))
+    return batch
+
+
+def build_tiles(cfg: PretrainConfig):
+    """The tile dataset named by ``cfg.data`` and the frequent land-cover classes."""
+    d = cfg.data
+    if d.root is None:
+        raise ConfigError("data.root is not set; pass --set data.root=/path/to/majortom (or a folder "
+                          "of <sample>/<modality>.tif with data.kind=folder)")
+    stats = read_cell_stats(d.cell_stats)
+    if d.kind == "majortom":
+        tiles = MajorTOMCore(d.root, d.modalities, d.tile_size, cell_stats=stats)
+    else:
+        tiles = GeoTIFFFolder(d.root, d.modalities)
+    if d.frequent_classes is not None:
+        frequent = list(d.frequent_classes)
+    elif stats is not None and "worldcover" in stats:
+        frequent = frequent_classes(stats, d.n_frequent)
+    else:
+        frequent = []
+        logger.warning("no data.frequent_classes and no cell_stats with 'worldcover': c_h is never "
+                       "updated (dual centering reduces to alpha-scaled DINO centering)")
+    return tiles, frequent
+
+
+def _to_device(group, device):
+    inputs, masks = group
+    return ({k: v.to(device, non_blocking=True) for k, v in inputs.items()},
+            {k: v.to(device, non_blocking=True) for k, v in masks.items()})
+
+
+# ----------------------------------------------------------------------------- optimisation
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """AdamW groups: weight decay on weights, none on biases and norm parameters (DINO)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: torch.nn.Module, clip: float) -> None:
+    """Clip every parameter's gradient norm to ``clip`` separately (DINO's per-parameter clip)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            factor = clip / (norm + 1e-6)
+            if factor < 1:
+                p.grad.mul_(factor)
+
+
+def cancel_last_layer_gradients(model: torch.nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- kNN monitor
+@torch.no_grad()
+def knn_monitor(backbone: torch.nn.Module, dataset, size: int, device: torch.device,
+                k: int = 20, temperature: float = 0.07) -> float:
+    """Leave-one-out weighted kNN top-1 (DINO's voting) on CLS features of a labelled set."""
+    import torch.nn.functional as F
+
+    backbone.eval()
+    features, labels = [], []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        inputs = {key: F.interpolate(x[None], size=(size, size), mode="bilinear",
+                                     align_corners=False, antialias=True).to(device)
+                  for key, x in sample["images"].items()}
+        features.append(F.normalize(backbone(inputs).cls.float(), dim=-1).cpu())
+        labels.append(sample["label"])
+    features, labels = torch.cat(features), torch.tensor(labels)
+    if (labels < 0).any():
+        raise ValueError("kNN monitor set has unlabelled samples; add them to labels.csv")
+    similarity = features @ features.T
+    similarity.fill_diagonal_(-float("inf"))
+    k = min(k, len(labels) - 1)
+    top, idx = similarity.topk(k, dim=1)
+    votes = torch.zeros(len(labels), int(labels.max()) + 1)
+    votes.scatter_add_(1, labels[idx], (top / temperature).exp())
+    return float((votes.argmax(1) == labels).float().mean())
+
+
+class MetricsWriter:
+    """Appends metrics to ``metrics.csv`` (always) and TensorBoard (when enabled and installed)."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool) -> None:
+        self.path = output_dir / "metrics.csv"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                logger.warning("tensorboard is not installed; writing metrics.csv only")
+
+    def write(self, iteration: int, metrics: dict) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["iteration", "name", "value"])
+            for name, value in metrics.items():
+                writer.writerow([iteration, name, value])
+        if self.tb is not None:
+            for name, value in metrics.items():
+                self.tb.add_scalar(name, value, iteration)
+            self.tb.flush()
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | None = None,
+          device: str = "auto") -> list[float]:
+    """Run (or continue) pretraining; returns the per-iteration losses computed in this call.
+
+    ``resume``: ``"auto"`` continues from ``output_dir/checkpoint.pth`` when present, a path
+    continues from that file, None starts fresh. ``stop_after`` ends the call after that global
+    iteration (checkpointing first), e.g. to split a run across jobs.
+    """
+    from terrafm.model import resolve_device
+
+    device = resolve_device(device)
+    rank, world = init_distributed(device)
+    cfg.validate(world)
+    output_dir = Path(cfg.run.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    o, a, m = cfg.optim, cfg.augment, cfg.model
+
+    # data
+    tiles, frequent = build_tiles(cfg)
+    augmentation = MultiCropAugmentation(a.global_size, a.local_size, a.n_local,
+                                         tuple(a.global_scale), tuple(a.local_scale))
+    dataset = AugmentedTiles(tiles, augmentation, a.modality_threshold, cfg.run.seed)
+    frequent_set = torch.tensor(sorted(frequent) or [-1])
+
+    # student and teacher
+    torch.manual_seed(cfg.run.seed)
+    head_kwargs = dict(out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
+                       n_layers=m.head_layers, norm_last_layer=m.norm_last_layer)
+    student, teacher = build_student_teacher(m.name, head_kwargs, m.drop_path_rate)
+    student, teacher = student.to(device), teacher.to(device)
+    teacher.eval()
+    student_ddp = student
+    if world > 1:
+        student_ddp = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+
+    # loss, optimizer, schedules
+    schedules = build_schedules(o, o.epochs, cfg.iters_per_epoch, o.batch_size)
+    loss_fn = DualCenteringDINOLoss(m.out_dim, 2 + a.n_local, schedules["teacher_temp"],
+                                    o.student_temp, o.center_momentum, o.alpha).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.run.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+
+    # resume
+    start_iter = 0
+    path = output_dir / CHECKPOINT_NAME if resume == "auto" else (Path(resume) if resume else None)
+    if path is not None and path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != cfg.fingerprint():
+            raise ConfigError(f"{path} was written by a run with another config (fingerprint "
+                              f"{state['fingerprint']}, this config {cfg.fingerprint()}); use a new "
+                              "run.output_dir or the original config to continue that run")
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        loss_fn.load_state_dict(state["loss"])
+        start_iter = state["iteration"]
+        rng_file = output_dir / f"rng_rank{rank}.pth"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        logger.info("resumed %s at iteration %d", path, start_iter)
+    elif path is not None and resume not in ("auto", None):
+        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+    else:
+        torch.manual_seed(cfg.run.seed + 1000 * rank)  # drop path differs per rank, like DINO
+
+    sampler = GlobalBatchSampler(tiles.tile_weights(cfg.data.ocean_keep), o.batch_size,
+                                 cfg.iters_per_epoch, cfg.total_iters, cfg.run.seed, rank, world,
+                                 start_iter)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.data.num_workers,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=cfg.data.num_workers > 0)
+    writer = MetricsWriter(output_dir, cfg.run.tensorboard) if rank == 0 else None
+    knn_set = GeoTIFFFolder(cfg.data.knn_root, cfg.data.modalities) if cfg.data.knn_root else None
+
+    def checkpoint(next_iter: int) -> None:
+        torch.save(rng_state(), output_dir / f"rng_rank{rank}.pth")
+        if rank == 0:
+            save_checkpoint(output_dir / CHECKPOINT_NAME, {
+                "student": student.state_dict(), "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "loss": loss_fn.state_dict(), "iteration": next_iter, "config": cfg.to_dict(),
+                "fingerprint": cfg.fingerprint(), "model_name": m.name, "world_size": world})
+        if dist.is_initialized():
+            dist.barrier()
+
+    from tqdm.auto import tqdm
+
+    losses: list[float] = []
+    end = cfg.total_iters if stop_after is None else min(cfg.total_iters, stop_after)
+    progress = tqdm(total=end - start_iter, disable=rank != 0, desc="pretrain")
+    it = start_iter
+    started = time.perf_counter()
+    for batch in loader:
+        if it >= end:
+            break
+        epoch = it // cfg.iters_per_epoch
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = schedules["lr"][it]
+            if i == 0:
+                group["weight_decay"] = schedules["wd"][it]
+        teacher_groups = [_to_device(g, device) for g in batch["teacher"]]
+        student_groups = [_to_device(g, device) for g in batch["student"]]
+        frequent_mask = torch.isin(batch["landcover"], frequent_set).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.no_grad():
+                teacher_out = teacher(teacher_groups)
+            student_out = student_ddp(student_groups)
+        loss = loss_fn(student_out.float(), teacher_out.float(), it, frequent_mask)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; lower optim.base_lr "
+                                     "or use run.amp=bf16 instead of fp16")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        clip_gradients(student, o.clip_grad)
+        if epoch < o.freeze_last_layer_epochs:
+            cancel_last_layer_gradients(student)
+        scaler.step(optimizer)
+        scaler.update()
+        ema_update(teacher, student, float(schedules["momentum"][it]))
+
+        mean_loss = float(_all_mean(loss.detach()))
+        losses.append(mean_loss)
+        it += 1
+        progress.update(1)
+        metrics = {"loss": mean_loss, "lr": float(schedules["lr"][it - 1]),
+                   "wd": float(schedules["wd"][it - 1]), "momentum": float(schedules["momentum"][it - 1]),
+                   "teacher_temp": float(schedules["teacher_temp"][it - 1]),
+                   "teacher_entropy": loss_fn.last_teacher_entropy}
+        if knn_set is not None and cfg.run.knn_every and (it % cfg.run.knn_every == 0 or it == end):
+            if rank == 0:
+                metrics["knn_top1"] = knn_monitor(teacher.backbone, knn_set, a.global_size, device,
+                                                  cfg.run.knn_k)
+            if dist.is_initialized():
+                dist.barrier()
+        if writer is not None and (it % cfg.run.log_every == 0 or it == end or "knn_top1" in metrics):
+            writer.write(it, metrics)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+        if it % cfg.run.checkpoint_every == 0 or it == end:
+            checkpoint(it)
+        if it >= end:
+            break
+    progress.close()
+    logger.info("%d iterations in %.1f s", it - start_iter, time.perf_counter() - started)
+    return losses
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file or a name in pretrain/configs")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set data.root=/data/majortom")
+    parser.add_argument("--resume", default="auto", help="'auto', 'none' or a checkpoint path")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after this iteration")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--losses-out", default=None, help="write this call's losses (one per line)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(min(torch.get_num_threads(), int(os.environ.get("OMP_NUM_THREADS", "2"))))
+    cfg = load_config(args.config, args.set)
+    losses = train(cfg, None if args.resume == "none" else args.resume, args.stop_after, args.device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if args.losses_out and rank == 0:
+        Path(args.losses_out).write_text("".join(f"{v!r}\n" for v in losses))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
