@@ -25,6 +25,7 @@ class View:
     masks: dict[str, torch.Tensor]   # key -> (S, S) bool
     box: tuple[int, int, int, int]   # top, left, height, width in the tile
     flips: tuple[bool, bool]         # horizontal, vertical
+    rotation: int = 0                # quarter turns (torch.rot90 over H, W), after the flips
 
 
 def sample_crop_box(rng: np.random.Generator, height: int, width: int,
@@ -177,4 +178,4 @@ class MultiCropAugmentation:
                 out_masks[key] = torch.rot90(out_masks[key], rot, (-2, -1))
             out_images[key] = out_images[key].contiguous()
             out_masks[key] = out_masks[key].contiguous()
-        return View(out_images, out_masks, (top, left, h, w), (flip_h, flip_v))
+        return View(out_images, out_masks, (top, left, h, w), (flip_h, flip_v), rot)

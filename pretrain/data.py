@@ -58,6 +58,13 @@ def decode_band(data: bytes, out_shape: tuple[int, int], nearest: bool = False) 
         return src.read(1, out_shape=out_shape, resampling=method).astype(np.float32)
 
 
+def _band_shape(data: bytes) -> tuple[int, int]:
+    from rasterio.io import MemoryFile
+
+    with MemoryFile(data) as memfile, memfile.open() as src:
+        return src.height, src.width
+
+
 def _normalize_tile(stored: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
     from terrafm.sensors import MODALITIES, normalize
 
@@ -248,19 +255,24 @@ class MajorTOMCore:
             row = self._read_row(key, cell)
             columns = MAJORTOM_COLUMNS[key]
             ref = self._refs[key][cell]
-            size = None
+            def corrupt(column, exc):
+                return MajorTOMError(
+                    f"{ref.file} row {ref.row} (cell {cell}), {key} band {column}: not a readable "
+                    f"GeoTIFF ({type(exc).__name__}: {exc}); the row is corrupt - re-download "
+                    "the shard or exclude the cell")
+
+            size = 0  # the 10 m size of the cell: the largest (finest) band
+            for column in columns:
+                try:
+                    size = max(size, *_band_shape(row[column]))
+                except Exception as exc:
+                    raise corrupt(column, exc) from exc
             bands = []
             for column in columns:
-                data = row[column]
                 try:
-                    if size is None:
-                        size = self._native_size(row, columns)
-                    bands.append(decode_band(data, (size, size)))
+                    bands.append(decode_band(row[column], (size, size)))
                 except Exception as exc:
-                    raise MajorTOMError(
-                        f"{ref.file} row {ref.row} (cell {cell}), {key} band {column}: not a readable "
-                        f"GeoTIFF ({type(exc).__name__}: {exc}); the row is corrupt - re-download "
-                        "the shard or exclude the cell") from exc
+                    raise corrupt(column, exc) from exc
             stack = np.stack(bands)
             if self.subtract_s2_offset and key.startswith("s2") and _after_offset(row.get("product_datetime")):
                 stack = np.where(stack > 0, np.maximum(stack - 1000, 1), stack)
@@ -274,17 +286,6 @@ class MajorTOMCore:
                                 f"{self.tile_size} px tiles; lower data.tile_size")
         self._cache = (cell, stacks)
         return stacks
-
-    @staticmethod
-    def _native_size(row: dict, columns: Sequence[str]) -> int:
-        """The 10 m size of a cell: the largest band (10 m bands are the finest)."""
-        from rasterio.io import MemoryFile
-
-        best = 0
-        for column in columns:
-            with MemoryFile(row[column]) as memfile, memfile.open() as src:
-                best = max(best, src.width, src.height)
-        return best
 
     def __getitem__(self, index: int) -> dict:
         import torch

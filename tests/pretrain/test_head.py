@@ -1,0 +1,43 @@
+"""DINO head shape/normalisation, teacher without gradients, EMA update formula."""
+
+import torch
+
+from pretrain.head import DINOHead, build_student_teacher, ema_update
+
+HEAD = dict(out_dim=32, hidden_dim=16, bottleneck_dim=8)
+
+
+def test_head_last_layer_is_weight_normalised_and_frozen_in_norm():
+    head = DINOHead(64, **HEAD)
+    torch.manual_seed(0)
+    x = torch.randn(5, 64)
+    out = head(x)
+    z = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+    v = head.last_layer.parametrizations.weight.original1
+    expected = z @ (v / v.norm(dim=1, keepdim=True)).T  # g fixed at 1
+    torch.testing.assert_close(out, expected)
+    assert not head.last_layer.parametrizations.weight.original0.requires_grad
+    assert sum(isinstance(m, torch.nn.Linear) for m in head.mlp) == 3
+
+
+def test_teacher_gets_no_gradient_and_starts_equal():
+    student, teacher = build_student_teacher("terrafm_tiny", HEAD, drop_path_rate=0.1)
+    for (ns, ps), (nt, pt) in zip(student.named_parameters(), teacher.named_parameters()):
+        assert ns == nt and torch.equal(ps, pt)
+    x = {"s1": torch.rand(2, 2, 32, 32), "s2_l2a": torch.rand(2, 12, 32, 32)}
+    loss = student(x).sum() + teacher(x).sum()
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert teacher.backbone.config.drop_path_rate == 0.0 and student.backbone.config.drop_path_rate == 0.1
+
+
+def test_ema_update_formula():
+    student, teacher = build_student_teacher("terrafm_tiny", HEAD)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone().double() for p in teacher.parameters()]
+    ema_update(teacher, student, 0.9)
+    for t0, t1, s in zip(before, teacher.parameters(), student.parameters()):
+        torch.testing.assert_close(t1.double(), 0.9 * t0 + 0.1 * s.double(), rtol=1e-5, atol=1e-6)
