@@ -1,0 +1,170 @@
+"""Similarity search: which positions look like a query location, polygon or vector."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import xarray as xr
+
+from ._grid import EMBEDDING_DIM, check_embedding, flatten_valid, l2_normalize, unflatten, valid_mask
+
+
+def _single_date(emb: xr.DataArray) -> xr.DataArray:
+    if "time" in emb.dims:
+        if emb.sizes["time"] != 1:
+            raise ValueError(
+                f"emb has {emb.sizes['time']} dates; pick one with emb.isel(time=i) before a similarity search"
+            )
+        emb = emb.isel(time=0)
+    return emb
+
+
+def _lonlat_to_index(emb: xr.DataArray, lon: float, lat: float) -> tuple[int, int]:
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs("EPSG:4326", emb.rio.crs, always_xy=True).transform(lon, lat)
+    res_x, res_y = emb.rio.resolution()
+    xs, ys = emb["x"].values, emb["y"].values
+    col = int(np.argmin(np.abs(xs - x)))
+    row = int(np.argmin(np.abs(ys - y)))
+    if abs(xs[col] - x) > abs(res_x) / 2 + 1e-6 or abs(ys[row] - y) > abs(res_y) / 2 + 1e-6:
+        left, bottom, right, top = emb.rio.bounds()
+        raise ValueError(
+            f"query ({lon}, {lat}) falls outside the embedding area (bounds {left:.0f}, {bottom:.0f}, "
+            f"{right:.0f}, {top:.0f} in {emb.rio.crs}); pick a point inside it or embed a larger bbox"
+        )
+    return row, col
+
+
+def query_vectors(emb: xr.DataArray, query: Any) -> np.ndarray:
+    """Resolve a query to an (m, D) array of vectors.
+
+    ``query`` may be a (lon, lat) tuple, a shapely Polygon/MultiPolygon in EPSG:4326 or a
+    GeoDataFrame/GeoSeries (mean vector of the valid positions inside), a 1-D vector, or a list /
+    2-D array of vectors.
+    """
+    emb = _single_date(check_embedding(emb))
+    depth = emb.sizes[EMBEDDING_DIM]
+    if getattr(query, "geom_type", None) == "Point":
+        query = (float(query.x), float(query.y))
+    geometry = _as_geometry(query, emb)
+    if geometry is not None:
+        mask_inside = _positions_in_geometry(emb, geometry)
+        inside = mask_inside & np.asarray(valid_mask(emb).values)
+        if not inside.any():
+            raise ValueError(
+                "the query polygon covers no valid embedding position; check its CRS (GeoDataFrame CRS or "
+                "EPSG:4326 for bare shapely) and that it overlaps the area"
+            )
+        data = np.asarray(emb.transpose("y", "x", EMBEDDING_DIM).values)
+        return data[inside].mean(axis=0, keepdims=True).astype(np.float32)
+    if isinstance(query, tuple) and len(query) == 2 and np.isscalar(query[0]) and depth != 2:
+        row, col = _lonlat_to_index(emb, float(query[0]), float(query[1]))
+        vec = np.asarray(emb.transpose("y", "x", EMBEDDING_DIM).values[row, col], dtype=np.float32)
+        if not np.isfinite(vec).all() or ("valid" in emb.coords and not bool(emb["valid"].values[row, col])):
+            raise ValueError(f"query ({query[0]}, {query[1]}) hits an invalid (cloud/nodata) position; move it")
+        return vec[None]
+    vectors = np.asarray(query.values if isinstance(query, xr.DataArray) else query, dtype=np.float32)
+    vectors = np.atleast_2d(vectors)
+    if vectors.ndim != 2 or vectors.shape[1] != depth:
+        raise ValueError(
+            f"query vectors have shape {vectors.shape} but the embedding has {depth} dims; pass (lon, lat), "
+            f"a polygon, one vector of length {depth} or a list of them"
+        )
+    return vectors
+
+
+def _as_geometry(query: Any, emb: xr.DataArray):
+    try:
+        import geopandas as gpd
+        from shapely.geometry.base import BaseGeometry
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(query, (gpd.GeoDataFrame, gpd.GeoSeries)):
+        frame = query if query.crs is not None else query.set_crs("EPSG:4326")
+        return frame.to_crs(emb.rio.crs).union_all()
+    if isinstance(query, BaseGeometry):
+        if query.geom_type == "Point":
+            return None
+        return gpd.GeoSeries([query], crs="EPSG:4326").to_crs(emb.rio.crs).iloc[0]
+    return None
+
+
+def _positions_in_geometry(emb: xr.DataArray, geometry) -> np.ndarray:
+    from rasterio.features import geometry_mask
+
+    transform = emb.rio.transform(recalc=True)
+    return geometry_mask([geometry], out_shape=(emb.sizes["y"], emb.sizes["x"]), transform=transform,
+                         invert=True, all_touched=False)
+
+
+def similarity(
+    emb: xr.DataArray,
+    query: Any,
+    metric: Literal["cosine", "euclidean"] = "cosine",
+    top_k: int = 10,
+    reduce: Literal["max", "mean"] = "max",
+) -> xr.DataArray:
+    """Similarity of every position to a query; ``result.attrs`` is serialisable, top matches via ``top_k``.
+
+    Parameters
+    ----------
+    emb : xr.DataArray
+        Single-date embeddings (y, x, embedding) with a CRS.
+    query : (lon, lat) | shapely Polygon (EPSG:4326) | GeoDataFrame | vector | list of vectors
+        What to look for. A polygon uses the mean vector of the valid positions inside it.
+    metric : {"cosine", "euclidean"}
+        Cosine similarity in [-1, 1], or negative Euclidean distance (higher = more similar).
+    reduce : {"max", "mean"}
+        How to combine several query vectors per position.
+
+    Returns
+    -------
+    xr.DataArray
+        (y, x) similarity map named "similarity", NaN where invalid, ``spatial_ref`` kept. Use
+        :func:`top_k` for the best locations as a GeoDataFrame.
+
+    Examples
+    --------
+    >>> sim = similarity(emb, (13.40, 52.52))                        # doctest: +SKIP
+    >>> best = top_k(sim, k=20)  # GeoDataFrame of points, column "similarity"  # doctest: +SKIP
+    """
+    emb = _single_date(check_embedding(emb))
+    queries = query_vectors(emb, query)
+    vectors, mask = flatten_valid(emb)
+    if metric == "cosine":
+        scores = l2_normalize(vectors.astype(np.float64)) @ l2_normalize(queries.astype(np.float64)).T
+    elif metric == "euclidean":
+        d2 = (vectors.astype(np.float64) ** 2).sum(1)[:, None] - 2 * vectors @ queries.T.astype(np.float64) + (
+            queries.astype(np.float64) ** 2
+        ).sum(1)[None]
+        scores = -np.sqrt(np.maximum(d2, 0))
+    else:
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    combined = scores.max(1) if reduce == "max" else scores.mean(1)
+    out = unflatten(combined.astype(np.float32), mask, "similarity", attrs={"metric": metric})
+    out.attrs["top_k"] = int(top_k)
+    return out
+
+
+def top_k(score: xr.DataArray, k: int = 10, largest: bool = True):
+    """The ``k`` best positions of a (y, x) score map as a GeoDataFrame of points (map CRS).
+
+    Examples
+    --------
+    >>> top_k(similarity(emb, vec), k=5).to_crs(4326)   # doctest: +SKIP
+    """
+    import geopandas as gpd
+
+    values = np.asarray(score.transpose("y", "x").values, dtype=np.float64)
+    flat = np.where(np.isfinite(values), values if largest else -values, -np.inf).ravel()
+    k = int(min(k, np.isfinite(values).sum()))
+    order = np.argsort(-flat, kind="stable")[:k]
+    rows, cols = np.unravel_index(order, values.shape)
+    xs, ys = score["x"].values[cols], score["y"].values[rows]
+    return gpd.GeoDataFrame(
+        {"rank": np.arange(1, k + 1), "row": rows, "col": cols, score.name or "score": values[rows, cols]},
+        geometry=gpd.points_from_xy(xs, ys),
+        crs=score.rio.crs,
+    )
