@@ -28,6 +28,12 @@ _LAZY: dict[str, str] = {
     "load_weights": "terrafm.model",
     "list_models": "terrafm.model",
     "resolve_device": "terrafm.model",
+    "to_rgb": "terrafm.analysis",
+    "similarity": "terrafm.analysis",
+    "change": "terrafm.analysis",
+    "cluster": "terrafm.analysis",
+    "fit_classifier": "terrafm.analysis",
+    "knn": "terrafm.evaluate",
 }
 
 _SUBMODULES = {"model", "stac", "prepare", "tiling", "engine", "analysis", "viz", "evaluate", "cli"}

@@ -1,0 +1,22 @@
+"""Embedding analysis: colour maps, similarity, change, clustering, classification, export.
+
+Every function takes the embedding DataArray of :func:`terrafm.embed` (dims (time?, y, x,
+embedding), ``valid`` coord, CRS) and returns georeferenced xarray / GeoPandas objects.
+scikit-learn and umap are imported only inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+from .change import change, cosine_distance, otsu_threshold, summarize_change
+from .classify import Classifier, fit_classifier
+from .cluster import cluster
+from .export import to_cog, to_geoparquet, to_zarr
+from .labels import labels_to_grid
+from .rgb import RGBReducer, fit_rgb, to_rgb
+from .similarity import similarity, top_k
+
+__all__ = [
+    "Classifier", "RGBReducer", "change", "cluster", "cosine_distance", "fit_classifier", "fit_rgb",
+    "labels_to_grid", "otsu_threshold", "similarity", "summarize_change", "to_cog", "to_geoparquet",
+    "to_rgb", "to_zarr", "top_k",
+]

@@ -1,0 +1,87 @@
+"""Write analysis results: Cloud-Optimised GeoTIFF, zarr, GeoParquet of points with their vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from ._grid import EMBEDDING_DIM, flatten_valid
+
+
+def _serialisable_attrs(attrs: dict) -> dict:
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, (str, int, float, bool, np.integer, np.floating)):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            out[key] = json.dumps(list(value))
+    return out
+
+
+def to_cog(da: xr.DataArray, path: str | Path, nodata: float = np.nan) -> Path:
+    """Write a (y, x), (y, x, band/embedding) or (band, y, x) map as a Cloud-Optimised GeoTIFF.
+
+    Examples
+    --------
+    >>> to_cog(to_rgb(emb), "rgb.tif")   # doctest: +SKIP
+    """
+    if "time" in da.dims:
+        raise ValueError("COG holds one date; select it with da.isel(time=i) (or write zarr for a time series)")
+    if da.rio.crs is None:
+        raise ValueError("array has no CRS; COGs must be georeferenced (da.rio.write_crs(...))")
+    other = [d for d in da.dims if d not in ("y", "x")]
+    if len(other) > 1:
+        raise ValueError(f"too many dims {da.dims} for a GeoTIFF; keep y, x and at most one band dim")
+    arr = da.transpose(*other, "y", "x") if other else da
+    arr = arr.astype("float32").rio.write_nodata(nodata, encoded=False)
+    arr.attrs = _serialisable_attrs(arr.attrs)
+    path = Path(path)
+    arr.rio.to_raster(path, driver="COG", compress="DEFLATE")
+    return path
+
+
+def to_zarr(obj: xr.DataArray | xr.Dataset, path: str | Path, mode: str = "w") -> Path:
+    """Write to zarr keeping ``spatial_ref`` (CRS + transform) so ``xr.open_zarr`` re-reads a georeferenced array.
+
+    Examples
+    --------
+    >>> to_zarr(emb, "emb.zarr"); xr.open_zarr("emb.zarr").embedding.rio.crs  # doctest: +SKIP
+    """
+    ds = obj.to_dataset(name=obj.name or "data") if isinstance(obj, xr.DataArray) else obj.copy()
+    ds.attrs = _serialisable_attrs(ds.attrs)
+    for name in ds.data_vars:
+        ds[name].attrs = _serialisable_attrs(ds[name].attrs)
+    path = Path(path)
+    ds.to_zarr(path, mode=mode)
+    return path
+
+
+def to_geoparquet(emb: xr.DataArray, path: str | Path | None = None, extra: dict | None = None):
+    """Valid positions as points (cell centres, map CRS) with a ``vector`` list column; optionally written.
+
+    ``extra`` maps column names to (y, x) DataArrays on the same grid (e.g. cluster ids).
+
+    Examples
+    --------
+    >>> gdf = to_geoparquet(emb, "emb.parquet", extra={"cluster": cluster(emb, 8)})  # doctest: +SKIP
+    """
+    import geopandas as gpd
+
+    vectors, mask = flatten_valid(emb)
+    mask_np = np.asarray(mask.values)
+    index = np.nonzero(mask_np)
+    ys = mask["y"].values[index[-2]]
+    xs = mask["x"].values[index[-1]]
+    columns = {"row": index[-2], "col": index[-1]}
+    if "time" in mask.dims:
+        columns["time"] = mask["time"].values[index[0]]
+    for name, da in (extra or {}).items():
+        columns[name] = np.asarray(da.transpose(*mask.dims).values)[mask_np]
+    columns["vector"] = list(vectors)
+    gdf = gpd.GeoDataFrame(columns, geometry=gpd.points_from_xy(xs, ys), crs=emb.rio.crs)
+    if path is not None:
+        gdf.to_parquet(path)
+    return gdf
