@@ -325,14 +325,9 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
         scaler.load_state_dict(state["scaler"])
         loss_fn.load_state_dict(state["loss"])
         start_iter = state["iteration"]
-        rng_file = output_dir / f"rng_rank{rank}.pth"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
         logger.info("resumed %s at iteration %d", path, start_iter)
     elif path is not None and resume not in ("auto", None):
         raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-    else:
-        torch.manual_seed(cfg.run.seed + 1000 * rank)  # drop path differs per rank, like DINO
 
     sampler = GlobalBatchSampler(tiles.tile_weights(cfg.data.ocean_keep), o.batch_size,
                                  cfg.iters_per_epoch, cfg.total_iters, cfg.run.seed, rank, world,
@@ -361,8 +356,14 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
     end = cfg.total_iters if stop_after is None else min(cfg.total_iters, stop_after)
     progress = tqdm(total=end - start_iter, disable=rank != 0, desc="pretrain")
     it = start_iter
+    batches = iter(loader)  # creating the iterator draws from the torch RNG: do it before seeding
+    rng_file = output_dir / f"rng_rank{rank}.pth"
+    if start_iter and rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        torch.manual_seed(cfg.run.seed + 1000 * rank)  # drop path differs per rank, like DINO
     started = time.perf_counter()
-    for batch in loader:
+    for batch in batches:
         if it >= end:
             break
         epoch = it // cfg.iters_per_epoch

@@ -1,0 +1,113 @@
+"""End-to-end tiny runs on real patches: learning without collapse, exact resume, 2-rank Gloo
+equivalence, export -> strict load -> same features, refusal to resume another config."""
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pretrain.config import ConfigError, load_config
+from pretrain.export import export_teacher
+from pretrain.head import build_student_teacher
+from pretrain.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ["model.out_dim=64", "model.drop_path_rate=0.1", "optim.base_lr=0.05",
+         "optim.momentum_teacher=0.9", "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0",
+         "optim.warmup_teacher_temp_epochs=0", "optim.teacher_temp=0.04"]
+
+
+def tiny_overrides(majortom, out: Path, extra=()) -> list[str]:
+    root = majortom["root"]
+    return [f"data.root={root}", f"data.cell_stats={root / 'cell_stats.csv'}", f"run.output_dir={out}",
+            *SMOKE, *extra]
+
+
+@pytest.fixture(scope="session")
+def full_run(majortom, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full_run")
+    cfg = load_config("tiny_cpu", tiny_overrides(majortom, out, [f"data.knn_root={majortom['root'] / 'knn'}",
+                                                                "run.knn_every=30"]))
+    losses = train(cfg, resume=None)
+    return {"cfg": cfg, "losses": losses, "out": out}
+
+
+def test_tiny_run_learns_without_collapse(full_run):
+    losses = np.array(full_run["losses"])
+    assert len(losses) == 30 and np.isfinite(losses).all()
+    metrics = pd.read_csv(full_run["out"] / "metrics.csv")
+    entropy = metrics[metrics.name == "teacher_entropy"].value.to_numpy()
+    log_k = math.log(64)
+    assert losses[-5:].mean() < losses[:5].mean(), losses
+    assert 0.05 * log_k < entropy[-5:].mean() < 0.95 * log_k, entropy
+    knn = metrics[metrics.name == "knn_top1"].value.to_numpy()
+    assert len(knn) == 1 and 0.0 <= knn[0] <= 1.0
+
+
+def test_resume_reproduces_the_uninterrupted_losses(full_run, majortom, tmp_path):
+    cfg = load_config("tiny_cpu", tiny_overrides(majortom, tmp_path / "split", [f"data.knn_root={majortom['root'] / 'knn'}",
+                                                                               "run.knn_every=30"]))
+    first = train(cfg, resume="auto", stop_after=13)  # 13 is not a checkpoint_every multiple
+    assert (tmp_path / "split" / "checkpoint.pth").exists()
+    second = train(cfg, resume="auto")
+    np.testing.assert_allclose(first + second, full_run["losses"], rtol=1e-6, atol=1e-7)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(full_run, majortom, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(full_run["out"], out)
+    cfg = load_config("tiny_cpu", tiny_overrides(majortom, out, ["optim.base_lr=0.07"]))
+    with pytest.raises(ConfigError, match="written by a run with another config"):
+        train(cfg, resume="auto")
+
+
+def test_export_loads_strictly_and_matches_the_teacher(full_run, tmp_path):
+    from terrafm.model import create_model, load_weights
+
+    path = export_teacher(full_run["out"] / "checkpoint.pth", tmp_path / "tiny_export.pth")
+    model = create_model("terrafm_tiny").eval()
+    result = load_weights(model, path)
+    assert result.fusion_trained and not result.missing_fusion
+    state = torch.load(full_run["out"] / "checkpoint.pth", weights_only=False)
+    m = full_run["cfg"].model
+    _, teacher = build_student_teacher("terrafm_tiny", dict(out_dim=m.out_dim, hidden_dim=m.hidden_dim,
+                                                            bottleneck_dim=m.bottleneck_dim))
+    teacher.load_state_dict(state["teacher"])
+    teacher.eval()
+    torch.manual_seed(0)
+    x = {"s2_l2a": torch.rand(2, 12, 48, 48), "s1": torch.rand(2, 2, 48, 48)}
+    masks = {"s1": torch.rand(2, 48, 48) > 0.3}
+    with torch.no_grad():
+        ours, ref = model(x, masks), teacher.backbone(x, masks)
+    torch.testing.assert_close(ours.cls, ref.cls, rtol=0, atol=0)
+    torch.testing.assert_close(ours.patch, ref.patch, rtol=0, atol=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run_matches_one_process(majortom, tmp_path):
+    # no drop path: its random masks are drawn per rank, everything else is rank-independent
+    extra = ["model.drop_path_rate=0.0", "optim.epochs=2"]
+    single = train(load_config("tiny_cpu", tiny_overrides(majortom, tmp_path / "one", extra)), resume=None)
+    args = [f"--set={o}" for o in tiny_overrides(majortom, tmp_path / "two", extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "-m", "pretrain.train", "--config", "tiny_cpu",
+           "--resume", "none", "--losses-out", str(tmp_path / "two_losses.txt"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [float(v) for v in (tmp_path / "two_losses.txt").read_text().split()]
+    assert len(two) == len(single) == 6
+    np.testing.assert_allclose(two, single, rtol=2e-4, atol=1e-5)
