@@ -100,7 +100,11 @@ def change(
     if percentile is not None:
         thr = float(np.percentile(values, percentile))
     elif threshold == "otsu" or threshold is None:
-        thr = otsu_threshold(values)
+        if float(values.max() - values.min()) < 1e-6:
+            logger.info("distances are all equal (no change); threshold set to their maximum")
+            thr = float(values.max())
+        else:
+            thr = otsu_threshold(values)
     else:
         thr = float(threshold)
     changed = xr.where(np.isfinite(distance), (distance > thr).astype(np.float32), np.nan).astype(np.float32)
