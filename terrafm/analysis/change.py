@@ -27,7 +27,11 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     mean_low = sum_low / np.maximum(weight_low, 1)
     mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
     between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(edges[int(np.argmax(between[:-1])) + 1])
+    between = between[:-1]
+    # empty bins between two modes give a plateau of equal scores: cut in its middle
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    lo, hi = edges[best[0] + 1], edges[best[-1] + 1]
+    return float((lo + hi) / 2)
 
 
 def cosine_distance(emb_a: xr.DataArray, emb_b: xr.DataArray) -> xr.DataArray:
