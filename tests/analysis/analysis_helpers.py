@@ -40,3 +40,36 @@ def assert_georef(result, like) -> None:
     np.testing.assert_allclose(result["y"].values, like["y"].values)
 
 
+
+
+BEN_BANDS = ("B02", "B03", "B04", "B08")  # 10 m bands, 120x120 px per patch
+CELLS = 8  # sub-blocks per patch side: 15x15 px each
+
+
+def bigearthnet_features():
+    """Real BigEarthNet S2 example patches as an 'embedding' of known separability.
+
+    Each 120x120 patch is split into 8x8 blocks of 15x15 px; a block's vector is the mean and std
+    of log(1 + DN) of the four 10 m bands. Returns (features (P, 8, 8, 8), names, labels) where
+    labels are the patches' BigEarthNet-19 label lists (bigearthnet_common's mapping).
+    """
+    import json
+    from pathlib import Path
+
+    import rasterio
+    from bigearthnet_common.constants import OLD2NEW_LABELS_DICT
+    from bigearthnet_common.example_data import get_s2_example_folder_path
+
+    root = Path(get_s2_example_folder_path())
+    feats, names, labels = [], [], []
+    for patch in sorted(p for p in root.iterdir() if p.is_dir()):
+        bands = []
+        for band in BEN_BANDS:
+            with rasterio.open(patch / f"{patch.name}_{band}.tif") as src:
+                bands.append(np.log1p(src.read(1).astype(np.float64)))
+        cube = np.stack(bands, -1).reshape(CELLS, 15, CELLS, 15, len(BEN_BANDS))
+        feats.append(np.concatenate([cube.mean((1, 3)), cube.std((1, 3))], -1))
+        meta = json.loads((patch / f"{patch.name}_labels_metadata.json").read_text())
+        labels.append([OLD2NEW_LABELS_DICT[x] for x in meta["labels"] if OLD2NEW_LABELS_DICT.get(x)])
+        names.append(patch.name)
+    return np.stack(feats), names, labels
