@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import xarray as xr
 
-from . import change as _change
-from . import classify as _classify
-from . import cluster as _cluster
-from . import export as _export
-from . import rgb as _rgb
-from . import similarity as _similarity
+from .change import change as _change
+from .classify import fit_classifier as _fit_classifier
+from .cluster import cluster as _cluster
+from .export import to_geoparquet as _to_geoparquet
+from .rgb import to_rgb as _to_rgb
+from .similarity import similarity as _similarity
 
 
 class EmbeddingAnalysisMixin:
@@ -25,27 +25,27 @@ class EmbeddingAnalysisMixin:
 
     def rgb(self, **kwargs):
         """:func:`terrafm.analysis.to_rgb`."""
-        return _rgb.to_rgb(self._obj, **kwargs)
+        return _to_rgb(self._obj, **kwargs)
 
     def similar(self, query, **kwargs):
         """:func:`terrafm.analysis.similarity`."""
-        return _similarity.similarity(self._obj, query, **kwargs)
+        return _similarity(self._obj, query, **kwargs)
 
     def change(self, other=None, **kwargs):
         """:func:`terrafm.analysis.change` against ``other`` (or consecutive dates)."""
-        return _change.change(self._obj, other, **kwargs)
+        return _change(self._obj, other, **kwargs)
 
     def cluster(self, k: int = 8, **kwargs):
         """:func:`terrafm.analysis.cluster`."""
-        return _cluster.cluster(self._obj, k, **kwargs)
+        return _cluster(self._obj, k, **kwargs)
 
     def fit_classifier(self, labels, **kwargs):
         """:func:`terrafm.analysis.fit_classifier`."""
-        return _classify.fit_classifier(self._obj, labels, **kwargs)
+        return _fit_classifier(self._obj, labels, **kwargs)
 
     def to_geoparquet(self, path=None, **kwargs):
         """:func:`terrafm.analysis.to_geoparquet`."""
-        return _export.to_geoparquet(self._obj, path, **kwargs)
+        return _to_geoparquet(self._obj, path, **kwargs)
 
 
 @xr.register_dataarray_accessor("emb")

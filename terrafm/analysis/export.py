@@ -46,11 +46,21 @@ def to_cog(da: xr.DataArray, path: str | Path, nodata: float = np.nan) -> Path:
 def to_zarr(obj: xr.DataArray | xr.Dataset, path: str | Path, mode: str = "w") -> Path:
     """Write to zarr keeping ``spatial_ref`` (CRS + transform) so ``xr.open_zarr`` re-reads a georeferenced array.
 
+    A DataArray is stored under its name, or ``<name>_values`` when the name equals one of its
+    coordinates (the embedding array is called "embedding" like its last dim). Read it back with
+    ``xr.open_zarr(path, decode_coords="all")`` so ``spatial_ref`` is restored as a coordinate.
+
     Examples
     --------
-    >>> to_zarr(emb, "emb.zarr"); xr.open_zarr("emb.zarr").embedding.rio.crs  # doctest: +SKIP
+    >>> to_zarr(emb, "emb.zarr"); xr.open_zarr("emb.zarr", decode_coords="all").embedding_values.rio.crs  # doctest: +SKIP
     """
-    ds = obj.to_dataset(name=obj.name or "data") if isinstance(obj, xr.DataArray) else obj.copy()
+    if isinstance(obj, xr.DataArray):
+        name = obj.name or "data"
+        if name in obj.coords:  # the contract's "embedding" array shares its name with its last dim
+            name = f"{name}_values"
+        ds = obj.to_dataset(name=name)
+    else:
+        ds = obj.copy()
     ds.attrs = _serialisable_attrs(ds.attrs)
     for name in ds.data_vars:
         ds[name].attrs = _serialisable_attrs(ds[name].attrs)
