@@ -1,0 +1,416 @@
+"""``terrafm.embed``: any area of a Sentinel Dataset -> georeferenced TerraFM embeddings.
+
+Scale-out on dask.distributed: pass ``client=`` (a ``distributed.Client``). The model is
+broadcast once; each worker process builds its own copy on first use and keeps it (run one
+worker per GPU with ``threads_per_worker=1``, e.g. ``LocalCUDACluster`` or
+``LocalCluster(n_workers=n_gpus, threads_per_worker=1)``). Every block becomes one task that
+reads its window of the lazy Dataset on the worker, runs the model, and writes its zarr region
+(with ``out=``) or returns its arrays. Blocks never mix in a batch, so the result equals the
+single-process one.
+
+Examples
+--------
+>>> import terrafm  # doctest: +SKIP
+>>> emb = terrafm.embed(ds, model="terrafm_base", weights="hf", out="aoi.zarr")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import xarray as xr
+
+from . import sensors
+from .sensors import PATCH_SIZE
+
+__all__ = ["embed", "prepare_inputs"]
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATION = "x' = (x - (mu - 2 sigma)) / (4 sigma); S1 linear power -> dB first (TerraTorch PR #947)"
+
+
+# ---------------------------------------------------------------------- inputs
+def _geobox(ds: xr.Dataset):
+    import odc.geo.xr  # noqa: F401  (registers .odc)
+
+    if "y" not in ds.dims or "x" not in ds.dims:
+        raise ValueError(f"the Dataset needs spatial dims 'y' and 'x', it has {tuple(ds.dims)}; "
+                         "load it with terrafm.stac.load or rename the dims (ds.rename(lat='y', lon='x'))")
+    gbox = ds.odc.geobox
+    if gbox is None or gbox.crs is None:
+        raise ValueError("the Dataset has no CRS: it needs a 'spatial_ref' coordinate. Fix: "
+                         "ds = ds.rio.write_crs('EPSG:32633') (the imagery's CRS) or load it with "
+                         "terrafm.stac.load")
+    return gbox
+
+
+def prepare_inputs(ds: xr.Dataset, modalities: Sequence[str] | None = None,
+                   ) -> tuple[dict[str, tuple[xr.DataArray, xr.DataArray]], bool]:
+    """Normalized model inputs and validity masks per modality, lazily.
+
+    Accepts either raw bands (``B01``…``B12`` with attr ``modality``, ``vv``/``vh``, optional
+    ``mask_<key>``) or the output of ``terrafm.prepare.normalize`` (variables named by modality
+    key with a ``band_<key>`` dim).
+
+    Returns
+    -------
+    dict key -> (normalized DataArray ([time,] band, y, x), validity DataArray ([time,] y, x)),
+    and whether the input has a time dim.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> ds = xr.Dataset({"vv": (("y", "x"), np.full((2, 2), 0.1, "float32")),
+    ...                  "vh": (("y", "x"), np.full((2, 2), 0.01, "float32"))})
+    >>> ds["vv"].attrs["modality"] = ds["vh"].attrs["modality"] = "s1"
+    >>> arrays, has_time = prepare_inputs(ds)
+    >>> list(arrays), has_time
+    (['s1'], False)
+    """
+    has_time = "time" in ds.dims
+    found: dict[str, tuple[xr.DataArray, xr.DataArray]] = {}
+    for key in sensors.MODALITY_KEYS:
+        if key in ds.data_vars and f"band_{key}" in ds[key].dims:
+            data = ds[key].transpose(*(("time",) if has_time else ()), f"band_{key}", "y", "x")
+            if data.sizes[f"band_{key}"] != sensors.MODALITIES[key].n_bands:
+                raise ValueError(f"{key}: {data.sizes[f'band_{key}']} bands, TerraFM needs "
+                                 f"{list(sensors.MODALITIES[key].bands)}")
+            mask = ds[f"mask_{key}"] if f"mask_{key}" in ds else xr.ones_like(data.isel({f"band_{key}": 0}), bool)
+            found[key] = (data.astype("float32"), mask)
+    if not found:
+        found = _normalize_raw(ds, has_time)
+    if modalities is not None:
+        unknown = [m for m in modalities if m not in sensors.MODALITY_KEYS]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; choose from {list(sensors.MODALITY_KEYS)}")
+        missing = [m for m in modalities if m not in found]
+        if missing:
+            raise ValueError(f"modalities {missing} requested but not in the Dataset (it has "
+                             f"{list(found)}); drop them from modalities= or load them")
+        found = {k: v for k, v in found.items() if k in modalities}
+    if not found:
+        raise ValueError(
+            "no modality found in the Dataset: it needs Sentinel-2 bands named "
+            f"{list(sensors.S2_BANDS)} (attr modality='s2_l2a' or 's2_l1c') and/or Sentinel-1 "
+            f"'vv', 'vh' (attr modality='s1'); it has {list(ds.data_vars)}. Load it with "
+            "terrafm.stac.load or rename the variables")
+    return found, has_time
+
+
+def _normalize_raw(ds: xr.Dataset, has_time: bool) -> dict[str, tuple[xr.DataArray, xr.DataArray]]:
+    groups: dict[str, list[str]] = {}
+    for name, var in ds.data_vars.items():
+        key = var.attrs.get("modality")
+        if key is None:
+            if name in sensors.S1_BANDS:
+                key = "s1"
+            elif name in sensors.S2_BANDS:
+                key = "s2_l2a"
+        if key in sensors.MODALITY_KEYS and not str(name).startswith("mask_"):
+            groups.setdefault(key, []).append(str(name))
+    out = {}
+    for key, names in groups.items():
+        spec = sensors.MODALITIES[key]
+        wrong = [n for n in names if n not in spec.bands]
+        missing = [b for b in spec.bands if b not in names]
+        if wrong or missing:
+            raise ValueError(f"{key}: bands {names} do not match TerraFM's {list(spec.bands)} "
+                             f"(unexpected {wrong}, missing {missing}); rename/select the bands, or "
+                             "fill absent ones with terrafm.sensors.fill_missing_bands")
+        stack = xr.concat([ds[b].astype("float32") for b in spec.bands], dim=f"band_{key}")
+        stack = stack.assign_coords({f"band_{key}": list(spec.bands)})
+        nodata = sensors.S1_NODATA if key == "s1" else sensors.S2_NODATA
+        ok = (np.isfinite(stack) & (stack != nodata)).all(f"band_{key}")
+        if key == "s1":
+            ok = ok & (stack > 0).all(f"band_{key}")
+        if f"mask_{key}" in ds:
+            ok = ok & ds[f"mask_{key}"].astype(bool)
+        norm = xr.apply_ufunc(lambda a: sensors.normalize(a, key, channel_axis=-3).astype("float32"),
+                              stack.transpose(*(("time",) if has_time else ()), f"band_{key}", "y", "x"),
+                              dask="allowed")
+        out[key] = (norm, ok.transpose(*(("time",) if has_time else ()), "y", "x"))
+    return out
+
+
+# ---------------------------------------------------------------------- model
+def _build_model(model: Any, weights: str | os.PathLike | None):
+    import torch
+
+    from .model import create_model
+
+    if isinstance(model, torch.nn.Module):
+        return model.eval()
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a registered name (terrafm.list_models()) or an nn.Module, got {type(model).__name__}")
+    if weights in ("random", None):
+        logger.warning("embedding with an UNTRAINED model %s (weights=%r): the vectors are not meaningful", model, weights)
+        return create_model(model).eval()
+    return create_model(model, weights=weights).eval()
+
+
+# ---------------------------------------------------------------------- zarr
+def _fingerprint(model, grid, level, keys, has_time, times) -> dict:
+    gbox = grid.geobox
+    return {
+        "model": getattr(getattr(model, "config", None), "name", type(model).__name__),
+        "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
+        "embed_dim": int(model.embed_dim),
+        "level": level, "chip_size": grid.chip_size, "margin": grid.margin,
+        "modalities": list(keys),
+        "crs": str(gbox.crs), "transform": [float(v) for v in tuple(gbox.affine)[:6]],
+        "shape": [int(v) for v in gbox.shape],
+        "time": [str(t) for t in times] if has_time else None,
+    }
+
+
+def _describe_mismatch(old: dict, new: dict) -> str:
+    return ", ".join(f"{k}: zarr has {old.get(k)!r}, this run {new.get(k)!r}"
+                     for k in new if old.get(k) != new.get(k))
+
+
+def _template(coords_y, coords_x, times, has_time, d, blocks_shape, keys, chunks, crs_coord) -> xr.Dataset:
+    import dask.array as da
+
+    lead = (len(times),) if has_time else ()
+    ldims = ("time",) if has_time else ()
+    lchunk = (1,) if has_time else ()
+    shape = lead + (len(coords_y), len(coords_x))
+    coords = {"y": coords_y, "x": coords_x}
+    if has_time:
+        coords["time"] = times
+    ds = xr.Dataset(coords=coords)
+    ds["embedding"] = (ldims + ("y", "x", "embedding"),
+                       da.full(shape + (d,), np.nan, dtype="float32", chunks=lchunk + chunks + (d,)))
+    ds["valid"] = (ldims + ("y", "x"), da.zeros(shape, bool, chunks=lchunk + chunks))
+    for k in keys:
+        ds[f"valid_{k}"] = (ldims + ("y", "x"), da.zeros(shape, bool, chunks=lchunk + chunks))
+    ds["blocks_done"] = (ldims + ("block_y", "block_x"),
+                         da.zeros(lead + blocks_shape, "int8", chunks=lchunk + (1, 1)))
+    ds = ds.assign_coords(spatial_ref=crs_coord)
+    for name in ds.data_vars:
+        ds[name].encoding["chunks"] = ds[name].data.chunksize
+    return ds
+
+
+# ---------------------------------------------------------------------- distributed
+_WORKER_MODELS: dict[str, Any] = {}
+
+
+def _block_task(model_key, model, arrays, grid, level, block, block_chips, batch_size,
+                device, precision, out, t_index, keys):
+    from .engine import Engine
+
+    if model_key not in _WORKER_MODELS:
+        _WORKER_MODELS[model_key] = model.eval()
+    engine = Engine(_WORKER_MODELS[model_key], device=device, batch_size=batch_size,
+                    precision=precision, prefetch=1, scheduler="synchronous")
+    (result,) = list(engine.run(arrays, grid, level, block_chips, blocks=[block]))
+    if out is not None:
+        _write_block(out, result, t_index, keys)
+        return None
+    return result
+
+
+def _write_block(out, result, t_index, keys) -> None:
+    import zarr
+
+    group = zarr.open_group(str(out), mode="r+")
+    b = result.block
+    lead = (t_index,) if t_index is not None else ()
+    group["embedding"][lead + (b.out_y, b.out_x, slice(None))] = result.embedding
+    group["valid"][lead + (b.out_y, b.out_x)] = result.valid
+    for k in keys:
+        group[f"valid_{k}"][lead + (b.out_y, b.out_x)] = result.modality_valid[k]
+    group["blocks_done"][lead + (b.by, b.bx)] = 1  # written last: marks the block complete
+
+
+# ---------------------------------------------------------------------- public
+def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: str | os.PathLike | None = "hf",
+          level: str = "patch", chip_size: int = 224, overlap: int | None = None,
+          batch_size: int = 16, device: Any = "auto", modalities: Sequence[str] | None = None,
+          out: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
+          precision: str = "auto", block_chips: int = 4, client: Any = None) -> xr.DataArray:
+    """Embed a Sentinel-1/2 Dataset with TerraFM into a georeferenced DataArray.
+
+    Parameters
+    ----------
+    ds : xr.Dataset
+        From ``terrafm.stac.load`` / ``terrafm.prepare.normalize`` (dims ([time,] y, x), CRS).
+    model : str or torch.nn.Module
+        Registered name (``"terrafm_base"``) or an already-built TerraFM module.
+    weights : "hf", path, "random" or None
+        Checkpoint for a named model; ``"random"`` runs untrained (tests, demos).
+    level : {"patch", "chip"}
+        ``"patch"``: one vector per 16-px patch on the 160 m grid derived from the input GeoBox;
+        ``"chip"``: one CLS vector per ``chip_size`` chip on the chip grid.
+    chip_size : int
+        Chip side in pixels, a multiple of 16.
+    overlap : int, optional
+        Pixels of each chip's border discarded before stitching (multiple of 16; default a
+        quarter of the chip). Ignored for ``level="chip"`` (chips tile without overlap).
+    batch_size, device, precision
+        Chips per forward pass; ``"auto"``/``"cpu"``/``"cuda"``; autocast choice.
+    modalities : list of str, optional
+        Restrict to these modality keys (default: all present).
+    out : path, optional
+        A zarr store written block by block; rerunning resumes (skips finished blocks). A store
+        from another model, area or configuration is refused.
+    resume : bool
+        False recomputes every block of a matching store.
+    progress : bool
+        Show a tqdm bar.
+    block_chips : int
+        Chips per block side (unit of reading, writing and resuming).
+    client : distributed.Client, optional
+        Run blocks on a dask cluster, one model per worker (see the module docstring).
+
+    Returns
+    -------
+    xr.DataArray named ``"embedding"``, dims ([time,] y, x, embedding), float32 with NaN where no
+    modality was valid, coordinates ``valid``, ``valid_<modality>``, ``spatial_ref``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, rioxarray  # doctest: +SKIP
+    >>> emb = embed(ds, model="terrafm_tiny", weights="random", chip_size=64, device="cpu")  # doctest: +SKIP
+    >>> emb.dims  # doctest: +SKIP
+    ('time', 'y', 'x', 'embedding')
+    """
+    from odc.geo.xr import xr_coords
+
+    from . import __version__
+    from .engine import Engine, plan_blocks
+    from .tiling import ChipGrid, default_margin
+
+    if isinstance(ds, xr.DataArray):
+        ds = ds.to_dataset(name=ds.name or "data") if ds.name in sensors.MODALITY_KEYS else ds.to_dataset(dim="band")
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"ds must be an xarray Dataset, got {type(ds).__name__}")
+    if level not in ("patch", "chip"):
+        raise ValueError(f"level={level!r}; use 'patch' (160 m grid) or 'chip' (one vector per chip)")
+    gbox = _geobox(ds)
+    if level == "chip":
+        margin = 0
+    else:
+        margin = default_margin(chip_size) if overlap is None else int(overlap)
+    grid = ChipGrid(gbox, int(chip_size), margin)
+    if gbox.shape[0] < chip_size or gbox.shape[1] < chip_size:
+        raise ValueError(f"the area is {gbox.shape[0]}x{gbox.shape[1]} px, smaller than one "
+                         f"{chip_size} px chip; use a larger bbox or a smaller chip_size "
+                         f"(multiple of 16, e.g. {max(16, min(gbox.shape) // 16 * 16)})")
+    arrays, has_time = prepare_inputs(ds, modalities)
+    keys = list(arrays)
+    times = ds["time"].values if has_time else None
+    net = _build_model(model, weights)
+
+    out_gbox = gbox.zoom_out(PATCH_SIZE) if level == "patch" else gbox.zoom_out(chip_size)
+    if level == "chip":
+        out_gbox = type(gbox)(grid.n_chips, out_gbox.affine, out_gbox.crs)
+    coords = xr_coords(out_gbox, crs_coord_name="spatial_ref")
+    blocks = plan_blocks(grid, level, block_chips)
+    blocks_shape = (max(b.by for b in blocks) + 1, max(b.bx for b in blocks) + 1)
+    d = int(net.embed_dim)
+    fp = _fingerprint(net, grid, level, keys, has_time, times)
+    n_t = len(times) if has_time else 1
+    steps = [(t, b) for t in range(n_t) for b in blocks]
+
+    store_done = None
+    if out is not None:
+        out = Path(out)
+        chunks = (blocks[0].out_y.stop - blocks[0].out_y.start, blocks[0].out_x.stop - blocks[0].out_x.start)
+        if out.exists():
+            try:
+                old = json.loads(xr.open_zarr(out, consolidated=False).attrs.get("terrafm_run", "null"))
+            except Exception as exc:
+                raise ValueError(f"{out} exists but is not a terrafm embedding zarr ({exc}); "
+                                 "choose another out= path or delete it") from exc
+            if old != fp:
+                raise ValueError(f"{out} holds embeddings of another run ({_describe_mismatch(old or {}, fp)}); "
+                                 "refusing to mix them. Choose another out= path or delete the store.")
+        else:
+            tmpl = _template(coords["y"].values, coords["x"].values, times, has_time, d, blocks_shape,
+                             keys, chunks, coords["spatial_ref"])
+            tmpl.attrs["terrafm_run"] = json.dumps(fp)
+            tmpl.to_zarr(out, compute=False, consolidated=False, mode="w-")
+        import zarr
+
+        done_arr = np.asarray(zarr.open_group(str(out), mode="r")["blocks_done"][...])
+        store_done = done_arr.reshape((n_t,) + blocks_shape)
+        if resume:
+            steps = [(t, b) for t, b in steps if not store_done[t, b.by, b.bx]]
+        logger.info("%s: %d of %d blocks to compute", out, len(steps), n_t * len(blocks))
+    else:
+        emb = np.full(((n_t,) + out_gbox.shape.yx + (d,)), np.nan, "float32")
+        valid = np.zeros((n_t,) + out_gbox.shape.yx, bool)
+        mvalid = {k: np.zeros((n_t,) + out_gbox.shape.yx, bool) for k in keys}
+
+    def arrays_at(t):
+        return {k: (a.isel(time=t) if has_time else a, m.isel(time=t) if has_time else m)
+                for k, (a, m) in arrays.items()}
+
+    def collect(t, result):
+        if out is not None:
+            _write_block(out, result, t if has_time else None, keys)
+            return
+        b = result.block
+        emb[t, b.out_y, b.out_x] = result.embedding
+        valid[t, b.out_y, b.out_x] = result.valid
+        for k in keys:
+            mvalid[k][t, b.out_y, b.out_x] = result.modality_valid[k]
+
+    from tqdm.auto import tqdm
+
+    total = sum(b.n_chips for _, b in steps)
+    bar = tqdm(total=total, unit="chip", desc="terrafm.embed", disable=not progress)
+    try:
+        if client is not None:
+            model_ref = client.scatter(net.cpu(), broadcast=True)
+            model_key = uuid.uuid4().hex
+            futures = [client.submit(_block_task, model_key, model_ref, arrays_at(t), grid, level, b,
+                                     block_chips, batch_size, device, precision,
+                                     str(out) if out is not None else None, t if has_time else None,
+                                     keys, pure=False) for t, b in steps]
+            from distributed import as_completed
+
+            index = {f.key: s for f, s in zip(futures, steps)}
+            for fut in as_completed(futures):
+                res = fut.result()
+                t, b = index[fut.key]
+                if res is not None:
+                    collect(t, res)
+                bar.update(b.n_chips)
+        else:
+            engine = Engine(net, device=device, batch_size=batch_size, precision=precision)
+            for t in range(n_t):
+                todo = [b for tt, b in steps if tt == t]
+                if todo:
+                    for result in engine.run(arrays_at(t), grid, level, block_chips, blocks=todo, progress=bar):
+                        collect(t, result)
+    finally:
+        bar.close()
+
+    attrs = {"model": fp["model"], "checkpoint_sha256": fp["checkpoint_sha256"] or "",
+             "modalities": keys, "normalization": NORMALIZATION, "terrafm_version": __version__,
+             "level": level, "chip_size": int(chip_size), "overlap": int(margin)}
+    if out is not None:
+        stored = xr.open_zarr(out, consolidated=False)
+        result = stored["embedding"].assign_coords(
+            valid=stored["valid"], **{f"valid_{k}": stored[f"valid_{k}"] for k in keys})
+    else:
+        lead = ("time",) if has_time else ()
+        sq = (lambda a: a) if has_time else (lambda a: a[0])
+        result = xr.DataArray(sq(emb), dims=lead + ("y", "x", "embedding"), name="embedding",
+                              coords={"y": coords["y"], "x": coords["x"], **({"time": times} if has_time else {})})
+        result = result.assign_coords(valid=(lead + ("y", "x"), sq(valid)),
+                                      **{f"valid_{k}": (lead + ("y", "x"), sq(mvalid[k])) for k in keys})
+    result = result.assign_coords(spatial_ref=coords["spatial_ref"])
+    result.attrs = attrs
+    result.name = "embedding"
+    return result

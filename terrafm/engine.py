@@ -1,0 +1,297 @@
+"""Inference engine: read chips from (dask-backed) arrays in a background thread, batch them
+through the model, crop interiors and stitch them into blocks.
+
+Work is organised in *blocks* of ``block_chips x block_chips`` chips. A block is read from the
+input in one window (its chips overlap), cut into chips, and run through the model in fixed
+batches that never mix blocks, so a block's result does not depend on which other blocks ran:
+a rerun (resume) or another process (dask worker) reproduces it bit for bit. A bounded queue of
+``prefetch`` blocks sits between the reader thread and the model, so at most a few blocks of
+input are in memory at any time.
+
+Examples
+--------
+>>> import numpy as np, xarray as xr
+>>> from odc.geo.geobox import GeoBox
+>>> from terrafm.model import create_model
+>>> from terrafm.tiling import ChipGrid
+>>> gbox = GeoBox.from_bbox((0, 0, 640, 640), "EPSG:32631", resolution=10)
+>>> x = xr.DataArray(np.full((2, 64, 64), 0.5, "float32"), dims=("band_s1", "y", "x"))
+>>> m = xr.DataArray(np.ones((64, 64), bool), dims=("y", "x"))
+>>> eng = Engine(create_model("terrafm_tiny").eval(), device="cpu", batch_size=4)
+>>> res = list(eng.run({"s1": (x, m)}, ChipGrid(gbox, 32, 0), level="patch", block_chips=2))
+>>> len(res), res[0].embedding.shape
+(4, (4, 4, 64))
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from .sensors import PATCH_SIZE
+from .tiling import Chip, ChipGrid
+
+__all__ = ["Engine", "Block", "BlockResult", "plan_blocks"]
+
+logger = logging.getLogger(__name__)
+
+FILL_VALUE = 0.5
+"""Normalized value given to padded and invalid pixels (the band mean)."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A rectangle of chips and the output cells (patches or chips) it fills.
+
+    Examples
+    --------
+    >>> Block(0, 0, range(0, 2), range(0, 2), slice(0, 16), slice(0, 16)).n_chips
+    4
+    """
+
+    by: int
+    bx: int
+    rows: range
+    cols: range
+    out_y: slice
+    out_x: slice
+
+    @property
+    def n_chips(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+
+@dataclass
+class BlockResult:
+    """Stitched output of one block: ``embedding`` (h, w, D) float32 with NaN where invalid,
+    ``valid`` (h, w) and ``modality_valid`` key -> (h, w) bool."""
+
+    block: Block
+    embedding: np.ndarray
+    valid: np.ndarray
+    modality_valid: dict[str, np.ndarray]
+
+
+def plan_blocks(grid: ChipGrid, level: str, block_chips: int) -> list[Block]:
+    """Split the chip grid into blocks of ``block_chips x block_chips`` chips.
+
+    Examples
+    --------
+    >>> from odc.geo.geobox import GeoBox
+    >>> gbox = GeoBox.from_bbox((0, 0, 3200, 3200), "EPSG:32631", resolution=10)
+    >>> [b.out_y for b in plan_blocks(ChipGrid(gbox, 96, 16), "patch", 2)][:2]
+    [slice(0, 8, None), slice(0, 8, None)]
+    """
+    ny, nx = grid.n_chips
+    blocks = []
+    for by, r0 in enumerate(range(0, ny, block_chips)):
+        rows = range(r0, min(ny, r0 + block_chips))
+        for bx, c0 in enumerate(range(0, nx, block_chips)):
+            cols = range(c0, min(nx, c0 + block_chips))
+            if level == "chip":
+                oy, ox = slice(rows.start, rows.stop), slice(cols.start, cols.stop)
+            else:
+                first, last_r, last_c = grid.chip(r0, c0), grid.chip(rows[-1], 0), grid.chip(0, cols[-1])
+                oy = slice(first.py0, last_r.py0 + last_r.ph)
+                ox = slice(first.px0, last_c.px0 + last_c.pw)
+            blocks.append(Block(by, bx, rows, cols, oy, ox))
+    return blocks
+
+
+def _read_window(da, y0: int, x0: int, h: int, w: int, fill, scheduler: str | None) -> np.ndarray:
+    """Read ``da[..., y0:y0+h, x0:x0+w]`` (may lie partly outside), padding with ``fill``."""
+    H, W = da.shape[-2:]
+    ys, ye, xs, xe = max(0, y0), min(H, y0 + h), max(0, x0), min(W, x0 + w)
+    part = da[..., ys:ye, xs:xe]
+    data = getattr(part, "data", part)
+    if hasattr(data, "compute"):
+        data = data.compute(scheduler=scheduler) if scheduler else data.compute()
+    data = np.asarray(data)
+    pad = [(0, 0)] * (data.ndim - 2) + [(ys - y0, y0 + h - ye), (xs - x0, x0 + w - xe)]
+    if any(p != (0, 0) for p in pad):
+        data = np.pad(data, pad, constant_values=fill)
+    return data
+
+
+class Engine:
+    """Runs a TerraFM model over chip blocks.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A TerraFM model (``terrafm.model`` contract), in eval mode.
+    device : str or torch.device
+        ``"auto"``, ``"cpu"``, ``"cuda"``…; the model is moved there.
+    batch_size : int
+        Chips per forward pass (batches never straddle blocks).
+    precision : str
+        ``"auto"`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+    prefetch : int
+        Blocks read ahead by the background thread (bounded queue).
+    scheduler : str, optional
+        dask scheduler used for reading (None: dask's default).
+
+    Examples
+    --------
+    >>> from terrafm.model import create_model
+    >>> Engine(create_model("terrafm_tiny"), device="cpu").device
+    device(type='cpu')
+    """
+
+    def __init__(self, model, device: Any = "auto", batch_size: int = 16, precision: str = "auto",
+                 prefetch: int = 2, scheduler: str | None = None) -> None:
+        import torch
+
+        from .model import resolve_device
+
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1, e.g. 16")
+        self.precision = precision
+        self.prefetch = max(1, int(prefetch))
+        self.scheduler = scheduler
+        self._pin = self.device.type == "cuda"
+        self._torch = torch
+
+    # ------------------------------------------------------------------ reading
+    def read_block(self, arrays: Mapping[str, tuple[Any, Any]], grid: ChipGrid, block: Block,
+                   ) -> tuple[list[Chip], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Read one block window per modality and cut it into chips.
+
+        ``arrays``: key -> (normalized (C, y, x) array, validity (y, x) bool array).
+        Returns the chips and, per modality, stacked chips (N, C, s, s) and masks (N, s, s).
+        """
+        chips = [grid.chip(r, c) for r in block.rows for c in block.cols]
+        y0, x0 = chips[0].y0, chips[0].x0
+        h = chips[-1].y0 + grid.chip_size - y0
+        w = chips[-1].x0 + grid.chip_size - x0
+        images, masks = {}, {}
+        s = grid.chip_size
+        for key, (data, mask) in arrays.items():
+            win = _read_window(data, y0, x0, h, w, FILL_VALUE, self.scheduler).astype("float32", copy=False)
+            mwin = _read_window(mask, y0, x0, h, w, False, self.scheduler).astype(bool, copy=False)
+            win = np.where(mwin[None] & np.isfinite(win), win, np.float32(FILL_VALUE))
+            images[key] = np.stack([win[:, c.y0 - y0:c.y0 - y0 + s, c.x0 - x0:c.x0 - x0 + s] for c in chips])
+            masks[key] = np.stack([mwin[c.y0 - y0:c.y0 - y0 + s, c.x0 - x0:c.x0 - x0 + s] for c in chips])
+        return chips, images, masks
+
+    # ------------------------------------------------------------------ model
+    def _to_device(self, array: np.ndarray):
+        tensor = self._torch.from_numpy(np.ascontiguousarray(array))
+        if self._pin:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def forward(self, images: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]):
+        """Run one batch; returns (cls (B, D), patch (B, h, w, D), valid (B, h, w)) as numpy.
+
+        Modalities without a single valid pixel in the batch are left out of the forward pass
+        (the model would mask them anyway); a batch with no valid pixel at all is not run.
+        """
+        torch = self._torch
+        from .model import autocast
+
+        keys = [k for k in images if masks[k].any()]
+        n, s = next(iter(images.values())).shape[0], next(iter(images.values())).shape[-1]
+        g = s // PATCH_SIZE
+        if not keys:
+            d = self.model.embed_dim
+            return (np.full((n, d), np.nan, "float32"), np.full((n, g, g, d), np.nan, "float32"),
+                    np.zeros((n, g, g), bool))
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            out = self.model({k: self._to_device(images[k]) for k in keys},
+                             masks={k: self._to_device(masks[k]) for k in keys})
+        return (out.cls.float().cpu().numpy(), out.patch.float().cpu().numpy(),
+                out.valid.cpu().numpy().astype(bool))
+
+    def process(self, grid: ChipGrid, block: Block, level: str, chips: list[Chip],
+                images: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> BlockResult:
+        """Batch a read block through the model, crop chip interiors and stitch them."""
+        h, w = block.out_y.stop - block.out_y.start, block.out_x.stop - block.out_x.start
+        d = self.model.embed_dim
+        emb = np.full((h, w, d), np.nan, "float32")
+        valid = np.zeros((h, w), bool)
+        mvalid = {k: np.zeros((h, w), bool) for k in images}
+        m = grid.margin // PATCH_SIZE
+        g = grid.chip_size // PATCH_SIZE
+        for start in range(0, len(chips), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            cls, patch, pvalid = self.forward({k: v[sl] for k, v in images.items()},
+                                              {k: v[sl] for k, v in masks.items()})
+            patch_masks = {k: v[sl].reshape(-1, g, PATCH_SIZE, g, PATCH_SIZE).any(axis=(2, 4))
+                           for k, v in masks.items()}
+            for i, chip in enumerate(chips[sl]):
+                if level == "chip":
+                    oy, ox = chip.row - block.out_y.start, chip.col - block.out_x.start
+                    ok = bool(pvalid[i].any())
+                    valid[oy, ox] = ok
+                    emb[oy, ox] = cls[i] if ok else np.nan
+                    for k in images:
+                        mvalid[k][oy, ox] = patch_masks[k][i].any()
+                    continue
+                oy, ox = chip.py0 - block.out_y.start, chip.px0 - block.out_x.start
+                inner = (slice(m, m + chip.ph), slice(m, m + chip.pw))
+                ok = pvalid[i][inner]
+                tile = patch[i][inner].copy()
+                tile[~ok] = np.nan
+                emb[oy:oy + chip.ph, ox:ox + chip.pw] = tile
+                valid[oy:oy + chip.ph, ox:ox + chip.pw] = ok
+                for k in images:
+                    mvalid[k][oy:oy + chip.ph, ox:ox + chip.pw] = patch_masks[k][i][inner]
+        return BlockResult(block, emb, valid, mvalid)
+
+    # ------------------------------------------------------------------ pipeline
+    def run(self, arrays: Mapping[str, tuple[Any, Any]], grid: ChipGrid, level: str,
+            block_chips: int = 4, blocks: list[Block] | None = None,
+            progress: Any = None) -> Iterator[BlockResult]:
+        """Yield :class:`BlockResult` per block; reading overlaps with the model via a thread."""
+        todo = plan_blocks(grid, level, block_chips) if blocks is None else blocks
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def reader() -> None:
+            try:
+                for block in todo:
+                    if stop.is_set():
+                        return
+                    item = (block, *self.read_block(arrays, grid, block))
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                q.put(done)
+            except BaseException as exc:  # handed to the consumer, re-raised there
+                q.put(exc)
+
+        thread = threading.Thread(target=reader, name="terrafm-chip-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                block, chips, images, masks = item
+                result = self.process(grid, block, level, chips, images, masks)
+                logger.debug("block (%d, %d): %d chips", block.by, block.bx, len(chips))
+                if progress is not None:
+                    progress.update(len(chips))
+                yield result
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(0.05)

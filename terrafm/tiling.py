@@ -1,0 +1,134 @@
+"""Chip grid with overlap over an odc-geo GeoBox, the 160 m patch grid, interior cropping.
+
+A chip of ``chip_size`` pixels is cut every ``stride = chip_size - 2 * margin`` pixels, starting
+``margin`` pixels before the input's top-left corner. Of each chip only the interior
+``[margin, chip_size - margin)`` is kept, so the interiors tile the padded input exactly once and
+every kept patch saw at least ``margin`` pixels of real context on each side (except at the
+image edge, where the context is padding and masked as invalid). Pixels outside the input are
+padded and marked invalid in every modality's mask.
+
+The patch grid is ``geobox.zoom_out(16)``: its transform is derived from the input's, so patch
+``(i, j)`` covers input pixels ``[16 i, 16 i + 16) x [16 j, 16 j + 16)``.
+
+Examples
+--------
+>>> from odc.geo.geobox import GeoBox
+>>> gbox = GeoBox.from_bbox((500000, 4000000, 504480, 4004480), "EPSG:32618", resolution=10)
+>>> grid = ChipGrid(gbox, chip_size=224, margin=32)
+>>> grid.patch_geobox.shape, grid.n_chips, grid.stride
+(Shape2d(y=28, x=28), (3, 3), 160)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+from odc.geo.geobox import GeoBox
+
+from .sensors import PATCH_SIZE
+
+__all__ = ["ChipGrid", "Chip", "default_margin"]
+
+
+def default_margin(chip_size: int) -> int:
+    """Border discarded on each side of a chip: a quarter of the chip, rounded to whole patches.
+
+    Examples
+    --------
+    >>> default_margin(224)
+    48
+    """
+    return max(0, (chip_size // 4) // PATCH_SIZE * PATCH_SIZE)
+
+
+@dataclass(frozen=True)
+class Chip:
+    """One chip: pixel window in input coordinates (may extend past the edges) and the
+    patch-grid rows/cols its interior fills.
+
+    Examples
+    --------
+    >>> Chip(0, 0, -32, -32, 224, 0, 0, 10, 10).patch_slices
+    (slice(0, 10, None), slice(0, 10, None))
+    """
+
+    row: int
+    col: int
+    y0: int
+    x0: int
+    size: int
+    py0: int
+    px0: int
+    ph: int
+    pw: int
+
+    @property
+    def patch_slices(self) -> tuple[slice, slice]:
+        return slice(self.py0, self.py0 + self.ph), slice(self.px0, self.px0 + self.pw)
+
+
+@dataclass(frozen=True)
+class ChipGrid:
+    """Chips with overlap over ``geobox``; see the module docstring for the geometry.
+
+    Parameters
+    ----------
+    geobox : odc.geo.geobox.GeoBox
+        Pixel grid of the input (10 m).
+    chip_size : int
+        Chip side in pixels, a multiple of 16.
+    margin : int
+        Pixels discarded on each side of a chip, a multiple of 16, ``2 * margin < chip_size``.
+
+    Examples
+    --------
+    >>> from odc.geo.geobox import GeoBox
+    >>> gbox = GeoBox.from_bbox((0, 0, 3200, 3200), "EPSG:32631", resolution=10)
+    >>> [c.y0 for c in ChipGrid(gbox, 128, 32).chips()][:4]
+    [-32, -32, -32, -32]
+    """
+
+    geobox: GeoBox
+    chip_size: int
+    margin: int
+
+    def __post_init__(self) -> None:
+        if self.chip_size <= 0 or self.chip_size % PATCH_SIZE:
+            raise ValueError(f"chip_size={self.chip_size} is not a positive multiple of {PATCH_SIZE} "
+                             f"pixels; use e.g. {max(PATCH_SIZE, round(self.chip_size / PATCH_SIZE) * PATCH_SIZE)}")
+        if self.margin < 0 or self.margin % PATCH_SIZE:
+            raise ValueError(f"overlap margin={self.margin} must be a non-negative multiple of "
+                             f"{PATCH_SIZE} pixels, e.g. {default_margin(self.chip_size)}")
+        if 2 * self.margin >= self.chip_size:
+            raise ValueError(f"overlap margin={self.margin} leaves no interior in a {self.chip_size} px "
+                             f"chip; use margin < chip_size / 2, e.g. {default_margin(self.chip_size)}")
+
+    @property
+    def stride(self) -> int:
+        return self.chip_size - 2 * self.margin
+
+    @property
+    def patch_geobox(self) -> GeoBox:
+        """The 160 m patch grid, derived from the input GeoBox (same origin, 16x pixel size)."""
+        return self.geobox.zoom_out(PATCH_SIZE)
+
+    @property
+    def n_chips(self) -> tuple[int, int]:
+        ph, pw = self.patch_geobox.shape
+        sp = self.stride // PATCH_SIZE
+        return math.ceil(ph / sp), math.ceil(pw / sp)
+
+    def chip(self, row: int, col: int) -> Chip:
+        ph, pw = self.patch_geobox.shape
+        sp = self.stride // PATCH_SIZE
+        py0, px0 = row * sp, col * sp
+        return Chip(row, col, row * self.stride - self.margin, col * self.stride - self.margin,
+                    self.chip_size, py0, px0, min(sp, ph - py0), min(sp, pw - px0))
+
+    def chips(self, rows: range | None = None, cols: range | None = None) -> Iterator[Chip]:
+        ny, nx = self.n_chips
+        for r in rows if rows is not None else range(ny):
+            for c in cols if cols is not None else range(nx):
+                yield self.chip(r, c)
