@@ -91,14 +91,17 @@ def make_step(setup: dict, variant: str, device: torch.device):
     return step
 
 
-def peak_rss_mb(config: str, variant: str, steps: int, threads: int) -> float:
+def peak_rss_mb(config: str, variant: str, steps: int, threads: int) -> tuple[float, float]:
+    """Peak RSS of a fresh process running ``steps`` steps, and its growth after the models were built."""
     code = (f"import torch, resource, sys; sys.path.insert(0, '.'); torch.set_num_threads({threads});"
             "from benchmarks.bench_pretrain import make_step, SETUPS;"
             f"s = make_step(SETUPS['{config}'], '{variant}', torch.device('cpu'));"
+            "built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024;"
             f"[s() for _ in range({steps})];"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "print(built, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    built, peak = map(float, out.stdout.strip().splitlines()[-1].split())
+    return peak, peak - built
 
 
 def main() -> None:
@@ -132,7 +135,9 @@ def main() -> None:
                    "ratio": round(rate["terrafm"] / rate["plain_dino"], 3)}
             if device.type == "cpu":
                 for v in steps:
-                    row[f"{v}_peak_rss_mb"] = round(peak_rss_mb(config, v, 2, args.threads), 1)
+                    peak, step = peak_rss_mb(config, v, 2, args.threads)
+                    row[f"{v}_peak_rss_mb"] = round(peak, 1)
+                    row[f"{v}_step_rss_mb"] = round(step, 1)  # growth above the built models
                 row["rss_ratio"] = round(row["terrafm_peak_rss_mb"] / row["plain_dino_peak_rss_mb"], 3)
             else:
                 row["note"] = "bf16 autocast"
