@@ -33,6 +33,9 @@ __all__ = ["embed", "prepare_inputs"]
 
 logger = logging.getLogger(__name__)
 
+STORE_VAR = "embedding_vectors"
+"""Name of the embedding array inside the zarr (a variable named like its dim would be an index)."""
+
 NORMALIZATION = "x' = (x - (mu - 2 sigma)) / (4 sigma); S1 linear power -> dB first (TerraTorch PR #947)"
 
 
@@ -186,13 +189,13 @@ def _template(coords_y, coords_x, times, has_time, d, blocks_shape, keys, chunks
     if has_time:
         coords["time"] = times
     ds = xr.Dataset(coords=coords)
-    ds["embedding"] = (ldims + ("y", "x", "embedding"),
-                       da.full(shape + (d,), np.nan, dtype="float32", chunks=lchunk + chunks + (d,)))
-    ds["valid"] = (ldims + ("y", "x"), da.zeros(shape, bool, chunks=lchunk + chunks))
+    ds[STORE_VAR] = (ldims + ("y", "x", "embedding"),
+                     da.full(shape + (d,), np.nan, dtype="float32", chunks=lchunk + chunks + (d,)))
+    ds["valid"] = (ldims + ("y", "x"), da.zeros(shape, dtype=bool, chunks=lchunk + chunks))
     for k in keys:
-        ds[f"valid_{k}"] = (ldims + ("y", "x"), da.zeros(shape, bool, chunks=lchunk + chunks))
+        ds[f"valid_{k}"] = (ldims + ("y", "x"), da.zeros(shape, dtype=bool, chunks=lchunk + chunks))
     ds["blocks_done"] = (ldims + ("block_y", "block_x"),
-                         da.zeros(lead + blocks_shape, "int8", chunks=lchunk + (1, 1)))
+                         da.zeros(lead + blocks_shape, dtype="int8", chunks=lchunk + (1, 1)))
     ds = ds.assign_coords(spatial_ref=crs_coord)
     for name in ds.data_vars:
         ds[name].encoding["chunks"] = ds[name].data.chunksize
@@ -224,7 +227,7 @@ def _write_block(out, result, t_index, keys) -> None:
     group = zarr.open_group(str(out), mode="r+")
     b = result.block
     lead = (t_index,) if t_index is not None else ()
-    group["embedding"][lead + (b.out_y, b.out_x, slice(None))] = result.embedding
+    group[STORE_VAR][lead + (b.out_y, b.out_x, slice(None))] = result.embedding
     group["valid"][lead + (b.out_y, b.out_x)] = result.valid
     for k in keys:
         group[f"valid_{k}"][lead + (b.out_y, b.out_x)] = result.modality_valid[k]
@@ -401,7 +404,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
              "level": level, "chip_size": int(chip_size), "overlap": int(margin)}
     if out is not None:
         stored = xr.open_zarr(out, consolidated=False)
-        result = stored["embedding"].assign_coords(
+        result = stored[STORE_VAR].assign_coords(
             valid=stored["valid"], **{f"valid_{k}": stored[f"valid_{k}"] for k in keys})
     else:
         lead = ("time",) if has_time else ()
