@@ -417,3 +417,17 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     result.attrs = attrs
     result.name = "embedding"
     return result
+
+
+class _CallableModule(type(json)):
+    """``terrafm.embed`` is both this module and the function: importing the submodule (as
+    ``from terrafm.embed import embed`` does) rebinds the package attribute to the module, so
+    the module forwards calls to :func:`embed`."""
+
+    def __call__(self, *args, **kwargs) -> xr.DataArray:
+        return embed(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
