@@ -16,7 +16,7 @@ import importlib
 import logging
 from typing import Any
 
-from . import sensors
+from . import accessor, sensors
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ _LAZY: dict[str, str] = {
     "cluster": "terrafm.analysis",
     "fit_classifier": "terrafm.analysis",
     "knn": "terrafm.evaluate",
+    "embed": "terrafm.embed",
 }
 
 _SUBMODULES = {"model", "stac", "prepare", "tiling", "engine", "analysis", "viz", "evaluate", "cli"}
