@@ -51,7 +51,10 @@ def flatten_valid(emb: xr.DataArray, name: str = "emb") -> tuple[np.ndarray, xr.
             f"{name} has no valid positions (all NaN / valid=False); choose a less cloudy date or a larger area"
         )
     data = np.asarray(emb_t.values)
-    vectors = data.reshape(-1, data.shape[-1])[mask_np.reshape(-1)].astype(np.float32, copy=False)
+    flat = data.reshape(-1, data.shape[-1])
+    if mask_np.all():  # no copy of a possibly multi-GB array
+        return flat.astype(np.float32, copy=False), mask
+    vectors = flat[mask_np.reshape(-1)].astype(np.float32, copy=False)
     return vectors, mask
 
 
