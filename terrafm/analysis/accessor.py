@@ -1,4 +1,8 @@
-"""Thin ``.emb`` accessor on embedding DataArrays (registered on import of terrafm.analysis.accessor).
+"""Analysis methods on embedding DataArrays: the ``EmbeddingAnalysisMixin`` and an ``.emb`` accessor.
+
+The mixin only imports :mod:`terrafm.analysis` when a method is called, so it can be mixed into
+the ``da.terrafm`` accessor without slowing ``import terrafm``. Importing this module registers
+``da.emb`` as well.
 
 Examples
 --------
@@ -10,42 +14,47 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .change import change as _change
-from .classify import fit_classifier as _fit_classifier
-from .cluster import cluster as _cluster
-from .export import to_geoparquet as _to_geoparquet
-from .rgb import to_rgb as _to_rgb
-from .similarity import similarity as _similarity
-
 
 class EmbeddingAnalysisMixin:
-    """Methods delegating to :mod:`terrafm.analysis`; needs ``self._obj`` (the DataArray)."""
+    """Thin wrappers over :mod:`terrafm.analysis`; needs ``self._obj`` (the embedding DataArray)."""
 
     _obj: xr.DataArray
 
     def rgb(self, **kwargs):
-        """:func:`terrafm.analysis.to_rgb`."""
-        return _to_rgb(self._obj, **kwargs)
+        """:func:`terrafm.analysis.to_rgb` of this embedding."""
+        from .rgb import to_rgb
+
+        return to_rgb(self._obj, **kwargs)
 
     def similar(self, query, **kwargs):
-        """:func:`terrafm.analysis.similarity`."""
-        return _similarity(self._obj, query, **kwargs)
+        """:func:`terrafm.analysis.similarity` of every position to ``query``."""
+        from .similarity import similarity
+
+        return similarity(self._obj, query, **kwargs)
 
     def change(self, other=None, **kwargs):
-        """:func:`terrafm.analysis.change` against ``other`` (or consecutive dates)."""
-        return _change(self._obj, other, **kwargs)
+        """:func:`terrafm.analysis.change` against ``other`` (or between consecutive dates)."""
+        from .change import change
+
+        return change(self._obj, other, **kwargs)
 
     def cluster(self, k: int = 8, **kwargs):
-        """:func:`terrafm.analysis.cluster`."""
-        return _cluster(self._obj, k, **kwargs)
+        """:func:`terrafm.analysis.cluster` into ``k`` clusters."""
+        from .cluster import cluster
+
+        return cluster(self._obj, k, **kwargs)
 
     def fit_classifier(self, labels, **kwargs):
-        """:func:`terrafm.analysis.fit_classifier`."""
-        return _fit_classifier(self._obj, labels, **kwargs)
+        """:func:`terrafm.analysis.fit_classifier` from points/polygons or a label raster."""
+        from .classify import fit_classifier
+
+        return fit_classifier(self._obj, labels, **kwargs)
 
     def to_geoparquet(self, path=None, **kwargs):
-        """:func:`terrafm.analysis.to_geoparquet`."""
-        return _to_geoparquet(self._obj, path, **kwargs)
+        """:func:`terrafm.analysis.to_geoparquet` of the valid vectors."""
+        from .export import to_geoparquet
+
+        return to_geoparquet(self._obj, path, **kwargs)
 
 
 @xr.register_dataarray_accessor("emb")
