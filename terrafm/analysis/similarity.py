@@ -103,10 +103,9 @@ def similarity(
     emb: xr.DataArray,
     query: Any,
     metric: Literal["cosine", "euclidean"] = "cosine",
-    top_k: int = 10,
     reduce: Literal["max", "mean"] = "max",
 ) -> xr.DataArray:
-    """Similarity of every position to a query; ``result.attrs`` is serialisable, top matches via ``top_k``.
+    """Similarity of every position to a query; the best locations come from :func:`top_k`.
 
     Parameters
     ----------
@@ -143,9 +142,7 @@ def similarity(
     else:
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
     combined = scores.max(1) if reduce == "max" else scores.mean(1)
-    out = unflatten(combined.astype(np.float32), mask, "similarity", attrs={"metric": metric})
-    out.attrs["top_k"] = int(top_k)
-    return out
+    return unflatten(combined.astype(np.float32), mask, "similarity", attrs={"metric": metric})
 
 
 def top_k(score: xr.DataArray, k: int = 10, largest: bool = True):
