@@ -374,3 +374,90 @@ def fill_missing_bands(x: np.ndarray, present: Sequence[str], modality: str,
         else:
             out[i] = moved[j]
     return np.moveaxis(out, 0, channel_axis), filled
+
+
+# =================================================================================================
+# Catalog / collection table: which STAC collection carries which modality, under which asset keys
+# (used by terrafm.stac; the band/normalization constants above are unchanged)
+# =================================================================================================
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """How one STAC collection of one catalog maps onto a TerraFM modality (or a label layer).
+
+    Attributes
+    ----------
+    collection : str
+        Collection id in the catalog.
+    modality : str
+        ``"s2_l2a"``, ``"s2_l1c"``, ``"s1"`` or ``"worldcover"``.
+    assets : dict
+        TerraFM band name -> asset key (``{"B02": "blue"}`` on Earth Search).
+    mask_asset : str or None
+        Asset key of the S2 scene classification (``SCL``), if any.
+    scale, offset : float
+        Physical value = DN * scale + offset (informational; terrafm keeps DN).
+    nodata : float
+        Stored no-data value.
+    dtype : str
+        Stored data type.
+    """
+
+    collection: str
+    modality: str
+    assets: dict
+    mask_asset: str | None
+    scale: float
+    offset: float
+    nodata: float
+    dtype: str
+
+
+_PC_S2 = {b: b for b in S2_BANDS}
+_ES_S2 = {"B01": "coastal", "B02": "blue", "B03": "green", "B04": "red", "B05": "rededge1",
+          "B06": "rededge2", "B07": "rededge3", "B08": "nir", "B8A": "nir08", "B09": "nir09",
+          "B11": "swir16", "B12": "swir22"}
+
+CATALOGS: dict[str, dict[str, Any]] = {
+    "planetary-computer": {
+        "url": "https://planetarycomputer.microsoft.com/api/stac/v1",
+        "sign": "planetary-computer",
+        "collections": {
+            "sentinel-2-l2a": CollectionSpec("sentinel-2-l2a", "s2_l2a", _PC_S2, "SCL", 1e-4, 0.0, S2_NODATA, "uint16"),
+            "sentinel-1-rtc": CollectionSpec("sentinel-1-rtc", "s1", {"vv": "vv", "vh": "vh"}, None, 1.0, 0.0, S1_NODATA, "float32"),
+            "esa-worldcover": CollectionSpec("esa-worldcover", "worldcover", {"worldcover": "map"}, None, 1.0, 0.0, 0, "uint8"),
+        },
+    },
+    "earth-search": {
+        "url": "https://earth-search.aws.element84.com/v1",
+        "sign": None,
+        "collections": {
+            "sentinel-2-l2a": CollectionSpec("sentinel-2-l2a", "s2_l2a", _ES_S2, "scl", 1e-4, -0.1, S2_NODATA, "uint16"),
+            "sentinel-2-l1c": CollectionSpec("sentinel-2-l1c", "s2_l1c", _ES_S2, None, 1e-4, 0.0, S2_NODATA, "uint16"),
+        },
+    },
+}
+"""Known catalogs: endpoint, signing, and per collection id its :class:`CollectionSpec`."""
+
+SCL_INVALID_CLASSES: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
+"""SCL classes masked as invalid: no data, saturated/defective, cloud shadow, cloud medium and high
+probability, thin cirrus."""
+
+
+def collection_spec(catalog: str, collection: str) -> CollectionSpec:
+    """Look up ``collection`` in ``catalog``, raising a clear error naming the known ids.
+
+    Examples
+    --------
+    >>> collection_spec("earth-search", "sentinel-2-l1c").assets["B08"]
+    'nir'
+    """
+    if catalog not in CATALOGS:
+        raise KeyError(f"unknown catalog {catalog!r}; known catalogs: {list(CATALOGS)}")
+    table = CATALOGS[catalog]["collections"]
+    if collection not in table:
+        raise KeyError(
+            f"collection {collection!r} is not known for catalog {catalog!r}; use one of "
+            f"{list(table)} (Sentinel-2 L1C is on 'earth-search', Sentinel-1 RTC on 'planetary-computer')"
+        )
+    return table[collection]

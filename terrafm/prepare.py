@@ -1,0 +1,202 @@
+"""From a loaded Dataset to model-ready arrays: S1/S2 pairing, temporal composites, normalization.
+
+Constants (band order, mu/sigma, dB conversion) come from :mod:`terrafm.sensors`.
+
+Examples
+--------
+>>> import terrafm                                                          # doctest: +SKIP
+>>> ds = terrafm.open_sentinel(aoi, "2023-06-01", "2023-08-31")
+>>> monthly = terrafm.prepare.composite(ds, "month")
+>>> x = terrafm.prepare.normalize(monthly)                    # s2_l2a: (time, band_s2_l2a, y, x)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from . import sensors
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["solar_day", "pair_nearest", "composite", "normalize", "FILL_VALUE"]
+
+FILL_VALUE = 0.5
+"""Normalized value written where a pixel is invalid (the band mean)."""
+
+
+def solar_day(item) -> _dt.date:
+    """Local solar date of a STAC item (UTC time shifted by longitude / 15 h), as odc-stac groups.
+
+    Examples
+    --------
+    >>> class I: datetime = _dt.datetime(2021, 6, 5, 23, 30); bbox = (170, 0, 172, 1)
+    >>> solar_day(I())
+    datetime.date(2021, 6, 6)
+    """
+    lon = (item.bbox[0] + item.bbox[2]) / 2
+    t = item.datetime.replace(tzinfo=None) + _dt.timedelta(hours=lon / 15)
+    return t.date()
+
+
+def _bands(modality: str) -> list[str]:
+    return list(sensors.get_modality(modality).bands)
+
+
+def pair_nearest(s2: xr.Dataset, s1: xr.Dataset, window: str | _dt.timedelta = "3D") -> xr.Dataset:
+    """Put S1 on the S2 time axis: each S2 date gets the nearest S1 acquisition within ``window``.
+
+    S2 dates without S1 in the window get NaN ``vv``/``vh``, ``mask_s1`` False and ``s1_time_gap``
+    NaT. ``s1_time_gap`` (time) is S1 time minus S2 time.
+
+    Examples
+    --------
+    >>> paired = pair_nearest(ds_s2, ds_s1, window="6D")                     # doctest: +SKIP
+    """
+    window = pd.Timedelta(window)
+    t2 = s2.time.values.astype("datetime64[ns]")
+    t1 = s1.time.values.astype("datetime64[ns]")
+    index = np.full(len(t2), -1)
+    gaps = np.full(len(t2), np.timedelta64("NaT"), dtype="timedelta64[ns]")
+    if len(t1):
+        for i, t in enumerate(t2):
+            d = np.abs(t1 - t)
+            j = int(np.argmin(d))
+            if d[j] <= window.to_timedelta64():
+                index[i] = j
+                gaps[i] = t1[j] - t
+    has = index >= 0
+    take = xr.DataArray(np.where(has, index, 0), dims="time")
+    present = xr.DataArray(has, dims="time", coords={"time": s2.time})
+    out = s2.copy()
+    for name in ("vv", "vh"):
+        v = s1[name].isel(time=take).assign_coords(time=s2.time)
+        out[name] = v.where(present).astype("float32")
+        out[name].attrs = dict(s1[name].attrs)
+    out["mask_s1"] = (s1["mask_s1"].isel(time=take).assign_coords(time=s2.time) & present).astype(bool)
+    out["s1_time_gap"] = xr.DataArray(gaps, dims="time", coords={"time": s2.time})
+    out["s1_time_gap"].attrs["description"] = f"S1 minus S2 acquisition time; NaT if none within {window}"
+    logger.info("paired %d of %d S2 dates with S1 within %s", int(has.sum()), len(t2), window)
+    return out
+
+
+def _bins(time: xr.DataArray, freq: str | Sequence) -> tuple[np.ndarray, list]:
+    t = pd.DatetimeIndex(time.values)
+    if isinstance(freq, str):
+        if freq == "month":
+            labels = t.to_period("M").to_timestamp()
+        elif freq == "season":  # DJF, MAM, JJA, SON, labelled by their first month
+            start = [12 if m in (12, 1, 2) else 3 * (m // 3) for m in t.month]
+            year = [y - 1 if m in (1, 2) else y for y, m in zip(t.year, t.month)]
+            labels = pd.DatetimeIndex([pd.Timestamp(y, m, 1) for y, m in zip(year, start)])
+        else:
+            labels = t.to_period(freq).to_timestamp()
+        keys = np.asarray(labels)
+        return keys, sorted(set(keys))
+    edges = pd.DatetimeIndex(list(freq))
+    pos = np.searchsorted(edges.values, t.values, side="right") - 1
+    keys = np.where((pos >= 0) & (pos < len(edges) - 1), edges.values[np.clip(pos, 0, len(edges) - 1)],
+                    np.datetime64("NaT"))
+    return keys, [e for e in edges.values[:-1]]
+
+
+def composite(ds: xr.Dataset, freq: str | Sequence = "month") -> xr.Dataset:
+    """Median of valid observations per time bin, per modality, with the count of valid ones.
+
+    Parameters
+    ----------
+    ds : xr.Dataset
+        Loaded Dataset with ``mask_<key>`` variables.
+    freq : "month", "season" (DJF/MAM/JJA/SON), a pandas period alias, or bin edges
+        (a sequence of datetimes; bin i is [edges[i], edges[i+1])).
+
+    Returns
+    -------
+    xr.Dataset on the bin time axis (bin start): band variables float32 (NaN where no valid
+    observation), ``count_<key>`` (uint16) and ``mask_<key>`` = count > 0.
+
+    Examples
+    --------
+    >>> monthly = composite(ds, "month")                                     # doctest: +SKIP
+    >>> monthly.count_s2_l2a.max().item() <= ds.sizes["time"]
+    True
+    """
+    keys, bins = _bins(ds.time, freq)
+    mods = [m for m in sensors.MODALITY_KEYS if f"mask_{m}" in ds]
+    outs = []
+    for b in bins:
+        sel = ds.isel(time=np.flatnonzero(keys == b))
+        step = xr.Dataset(coords={k: v for k, v in ds.coords.items() if "time" not in v.dims})
+        for m in mods:
+            mask = sel[f"mask_{m}"]
+            for band in _bands(m):
+                if band in sel:
+                    step[band] = sel[band].astype("float32").where(mask).median("time", skipna=True)
+                    step[band].attrs = dict(ds[band].attrs)
+            count = mask.sum("time").astype("uint16")
+            step[f"count_{m}"] = count
+            step[f"mask_{m}"] = count > 0
+        for name in ("worldcover",):
+            if name in ds:
+                step[name] = ds[name]
+        if "s2_offset" in ds.coords:
+            offs = np.unique(sel.s2_offset.values)
+            if len(offs) > 1:
+                raise ValueError("a composite bin mixes S2 DN offsets: load with s2_offset='harmonize'")
+            step = step.assign_coords(s2_offset=int(offs[0]) if len(offs) else 0)
+        outs.append(step.expand_dims(time=[b]))
+    out = xr.concat(outs, dim="time", data_vars="all", coords="different", compat="equals", join="outer")
+    if "worldcover" in ds:
+        out["worldcover"] = ds["worldcover"]
+    out.attrs = dict(ds.attrs, composite=str(freq))
+    return out
+
+
+def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset: str = "raw") -> xr.Dataset:
+    """Model-ready arrays: per modality a float32 ``(time, band_<key>, y, x)`` variable.
+
+    Values follow :func:`terrafm.sensors.normalize` (S1 in dB first); invalid pixels (mask False)
+    are set to ``0.5``. ``s2_offset="harmonize"`` subtracts the DN offset recorded in the
+    ``s2_offset`` coordinate (baseline 04.00+) before normalizing; ``"raw"`` (default, the DN the
+    statistics were computed on) uses stored values.
+
+    Examples
+    --------
+    >>> x = normalize(ds)                                                     # doctest: +SKIP
+    >>> x.s2_l2a.dims
+    ('time', 'band_s2_l2a', 'y', 'x')
+    """
+    if s2_offset not in ("raw", "harmonize"):
+        raise ValueError(f"s2_offset must be 'raw' or 'harmonize', got {s2_offset!r}")
+    mods = modalities or ds.attrs.get("terrafm_modalities") or [m for m in sensors.MODALITY_KEYS if f"mask_{m}" in ds]
+    out = xr.Dataset(coords={k: v for k, v in ds.coords.items() if k != "s2_offset"})
+    for m in mods:
+        bands = _bands(m)
+        missing = [b for b in bands if b not in ds]
+        if missing:
+            raise ValueError(f"{m}: bands {missing} are missing from the Dataset; load them or use "
+                             "terrafm.sensors.fill_missing_bands")
+        stack = xr.concat([ds[b].astype("float32") for b in bands], dim=f"band_{m}").assign_coords({f"band_{m}": bands})
+        if "time" in stack.dims:
+            stack = stack.transpose("time", f"band_{m}", ...)
+        if m.startswith("s2") and s2_offset == "harmonize" and "s2_offset" in ds.coords:
+            stack = (stack - ds.s2_offset.astype("float32")).clip(min=0)
+        spec = sensors.get_modality(m)
+        mean_da = xr.DataArray(np.asarray(spec.mean, dtype="float32"), dims=f"band_{m}")
+        std_da = xr.DataArray(np.asarray(spec.std, dtype="float32"), dims=f"band_{m}")
+        vals = stack
+        if spec.to_db:
+            vals = 10.0 * np.log10(np.maximum(vals, 1e-10))
+        norm = ((vals - (mean_da - 2 * std_da)) / (4 * std_da)).astype("float32").transpose(*stack.dims)
+        mask = ds[f"mask_{m}"].astype(bool)
+        norm = norm.where(mask & np.isfinite(norm), FILL_VALUE).astype("float32")
+        norm.attrs = {"modality": m, "normalization": "(x - (mu - 2 sigma)) / (4 sigma)" + (", x in dB" if spec.to_db else "")}
+        out[m] = norm
+        out[f"mask_{m}"] = mask
+    out.attrs = dict(ds.attrs, terrafm_modalities=list(mods), s2_offset_normalization=s2_offset)
+    return out

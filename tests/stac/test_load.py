@@ -1,0 +1,206 @@
+"""terrafm.stac / terrafm.prepare against the real local stack (pgstac API, COG server, SAS tokens)."""
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+from rasterio.windows import from_bounds
+
+import terrafm
+from terrafm import prepare, sensors
+from terrafm.stac import TerraFMReadError, load, save, search
+
+
+@pytest.fixture(scope="module")
+def items(stac_api_url, sentinel_scene):
+    return search(sentinel_scene.aoi_bbox, f"{sentinel_scene.start}/{sentinel_scene.end}",
+                  ("sentinel-2-l2a", "sentinel-1-rtc"), url=stac_api_url)
+
+
+@pytest.fixture(scope="module")
+def loaded(items, sentinel_scene):
+    return load(items, sentinel_scene.aoi_bbox, keep_scl=True).compute()
+
+
+def _direct(scene, entry_path, geobox, factor=1):
+    """Direct rasterio read of the same window from the file on disk, upsampled by repetition."""
+    with rasterio.open(scene.root / entry_path) as src:
+        win = from_bounds(*geobox.boundingbox, transform=src.transform).round_offsets().round_lengths()
+        data = src.read(1, window=win)
+    if factor > 1:
+        data = np.repeat(np.repeat(data, factor, 0), factor, 1)
+    return data
+
+
+def test_grid_crs_bands_and_pixels_equal_direct_reads(loaded, sentinel_scene):
+    ds = loaded
+    gb = ds.odc.geobox
+    assert ds.rio.crs.to_epsg() == 32618 and gb.crs.epsg == 32618
+    assert gb.resolution.x == 10 and gb.resolution.y == -10
+    assert gb.transform.c % 10 == 0 and gb.transform.f % 10 == 0
+    assert min(gb.shape) >= 224
+    assert [v for v in ds.data_vars if v in sensors.S2_BANDS] == list(sensors.S2_BANDS)
+    assert ds.B02.attrs["modality"] == "s2_l2a" and ds.vv.attrs["modality"] == "s1"
+    assert ds.attrs["terrafm_modalities"] == ["s2_l2a", "s1"]
+    s2 = sentinel_scene.manifest["s2"][1]["assets"]
+    np.testing.assert_array_equal(ds.B02.isel(time=1).values, _direct(sentinel_scene, s2["B02"]["path"], gb))
+    # 20 m band, 20 m grid offset by whole 10 m pixels: nearest = 2x2 repetition of an aligned window
+    with rasterio.open(sentinel_scene.root / s2["B11"]["path"]) as src:
+        r0, c0 = src.index(gb.transform.c + 1, gb.transform.f - 1)
+        h, w = gb.shape
+        big = np.repeat(np.repeat(src.read(1), 2, 0), 2, 1)
+        x_off = int(round((gb.transform.c - src.transform.c) / 10))
+        y_off = int(round((src.transform.f - gb.transform.f) / 10))
+    np.testing.assert_array_equal(ds.B11.isel(time=1).values, big[y_off:y_off + h, x_off:x_off + w])
+    s1 = sentinel_scene.manifest["s1"][0]["assets"]
+    np.testing.assert_array_equal(ds.vv.isel(time=0).values, _direct(sentinel_scene, s1["vv"]["path"], gb))
+
+
+def test_mask_semantics(loaded):
+    scl = loaded.SCL.values
+    expected = ~np.isin(scl, (0, 1, 3, 8, 9, 10))
+    np.testing.assert_array_equal(loaded.mask_s2_l2a.values, expected)
+    assert 0.1 < loaded.mask_s2_l2a.isel(time=3).mean() < 0.9  # cloudy date partly masked
+    vv = loaded.vv.values
+    np.testing.assert_array_equal(loaded.mask_s1.values, np.isfinite(vv) & (vv != -32768))
+
+
+def test_pairing_gaps(loaded, sentinel_scene):
+    gaps = pd.to_timedelta(loaded.s1_time_gap.values)
+    s1 = np.array(sentinel_scene.s1_dates, dtype="datetime64[ns]")
+    for t2, gap in zip(loaded.time.values.astype("datetime64[ns]"), gaps):
+        d = s1 - t2
+        j = np.argmin(np.abs(d))
+        if abs(d[j]) <= np.timedelta64(3, "D"):
+            assert gap == pd.Timedelta(d[j])
+        else:
+            assert pd.isna(gap)
+    assert pd.isna(gaps).sum() == 2
+    unpaired = np.flatnonzero(pd.isna(gaps))
+    assert not loaded.mask_s1.isel(time=unpaired).any()
+
+
+def test_monthly_composite_matches_numpy(loaded):
+    comp = prepare.composite(loaded, "month")
+    assert [str(t)[:7] for t in comp.time.values] == ["2021-06", "2021-07"]
+    months = pd.DatetimeIndex(loaded.time.values).month
+    for k, month in enumerate((6, 7)):
+        idx = np.flatnonzero(months == month)
+        vals = loaded.B04.values[idx].astype("float64")
+        mask = loaded.mask_s2_l2a.values[idx]
+        expected = np.nanmedian(np.where(mask, vals, np.nan), axis=0)
+        np.testing.assert_allclose(comp.B04.values[k], expected, rtol=1e-6, equal_nan=True)
+        np.testing.assert_array_equal(comp.count_s2_l2a.values[k], mask.sum(0))
+    np.testing.assert_array_equal(comp.mask_s2_l2a.values, comp.count_s2_l2a.values > 0)
+    season = prepare.composite(loaded, "season")
+    assert season.sizes["time"] == 1 and str(season.time.values[0])[:10] == "2021-06-01"
+
+
+def test_normalize_contract(loaded):
+    x = prepare.normalize(loaded)
+    assert x.s2_l2a.dims == ("time", "band_s2_l2a", "y", "x") and x.s2_l2a.dtype == np.float32
+    assert list(x.band_s2_l2a.values) == list(sensors.S2_BANDS)
+    assert not np.isnan(x.s2_l2a.values).any() and not np.isnan(x.s1.values).any()
+    raw = np.stack([loaded[b].values for b in sensors.S2_BANDS], axis=1).astype("float64")
+    ref = sensors.normalize(raw, "s2_l2a", channel_axis=1)
+    valid = loaded.mask_s2_l2a.values[:, None].repeat(12, 1)
+    np.testing.assert_allclose(x.s2_l2a.values[valid], ref[valid], rtol=1e-5)
+    assert np.all(x.s2_l2a.values[~valid] == 0.5)
+    vv = loaded.vv.values.astype("float64")
+    m1 = loaded.mask_s1.values
+    np.testing.assert_allclose(x.s1.values[:, 0][m1], ((10 * np.log10(vv[m1]) - (-12.7572 - 2 * 5.8491)) / (4 * 5.8491)), atol=2e-6)
+    assert x.rio.crs.to_epsg() == 32618
+
+
+def test_mixed_baselines_error_and_harmonize(stac_api_url, sentinel_scene):
+    found = search(sentinel_scene.aoi_bbox, "2021-07-10/2022-03-01", ("sentinel-2-l2a",), url=stac_api_url)
+    with pytest.raises(ValueError, match="mix processing baselines.*s2_offset='harmonize'"):
+        load(found, sentinel_scene.aoi_bbox)
+    raw = load(found, sentinel_scene.aoi_bbox, s2_offset="raw")
+    harm = load(found, sentinel_scene.aoi_bbox, s2_offset="harmonize")
+    assert list(raw.s2_offset.values) == [0, 1000] and list(harm.s2_offset.values) == [0, 0]
+    r, h = raw.B04.isel(time=1).values.astype(int), harm.B04.isel(time=1).values.astype(int)
+    np.testing.assert_array_equal(h, np.where(r > 1000, r - 1000, 0))
+    n_raw = prepare.normalize(raw, s2_offset="harmonize").s2_l2a.isel(time=1).values
+    n_h = prepare.normalize(harm).s2_l2a.isel(time=1).values
+    np.testing.assert_allclose(n_raw, n_h, atol=1e-6)
+
+
+def test_bad_inputs_name_the_fix(stac_api_url, sentinel_scene, items):
+    aoi = sentinel_scene.aoi_bbox
+    with pytest.raises(ValueError, match="Widen the dates"):
+        search(aoi, "2019-01-01/2019-02-01", url=stac_api_url)
+    with pytest.raises(ValueError, match="UTM zones.*crs="):
+        load(items, (-78.2, 37.6, -77.8, 37.7))
+    with pytest.raises(ValueError, match=r"\(lat, lon\) order"):
+        search((37.65, -120.0, 37.70, -119.9), "2021-06-01/2021-07-31", url=stac_api_url)
+    with pytest.raises(ValueError, match="smaller than one 224 px chip"):
+        load(items, (aoi[0], aoi[1], aoi[0] + 0.01, aoi[1] + 0.01))
+    with pytest.raises(ValueError, match="not known for catalog 'planetary-computer'.*earth-search"):
+        search(aoi, "2021-06-01/2021-07-31", ("sentinel-2-l1c",), url=stac_api_url)
+    broken = [i for i in items if i.collection_id == "sentinel-2-l2a"][0].clone()
+    del broken.assets["B8A"]
+    with pytest.raises(ValueError, match=r"lacks asset keys \['B8A'\]"):
+        load([broken], aoi)
+
+
+def test_earth_search_l1c_by_catalog(stac_api_url, sentinel_scene):
+    found = search(sentinel_scene.aoi_bbox, "2021-06-01/2021-07-31", ("sentinel-2-l1c",),
+                   catalog="earth-search", url=stac_api_url)
+    ds = load(found, sentinel_scene.aoi_bbox, catalog="earth-search")
+    assert ds.attrs["terrafm_modalities"] == ["s2_l1c"] and ds.B08.attrs["modality"] == "s2_l1c"
+    path = sentinel_scene.manifest["l1c"]["assets"]["B08"]["path"]
+    np.testing.assert_array_equal(ds.B08.isel(time=0).values, _direct(sentinel_scene, path, ds.odc.geobox))
+
+
+def test_retry_on_503_and_429(items, sentinel_scene, storage_server):
+    path = sentinel_scene.manifest["s2"][0]["assets"]["B03"]["path"]
+    n_before = len(storage_server.requests)
+    storage_server.fail_next(path, (503, 429, 503))
+    ds = load([i for i in items if i.collection_id == "sentinel-2-l2a"][:1], sentinel_scene.aoi_bbox)
+    np.testing.assert_array_equal(ds.B03.isel(time=0).values, _direct(sentinel_scene, path, ds.odc.geobox))
+    statuses = [r[3] for r in storage_server.requests[n_before:] if r[1].endswith(path)]
+    assert statuses[:3] == [503, 429, 503] and 200 in statuses[3:]
+
+
+def test_expired_token_is_resigned(stac_api_url, sentinel_scene, storage_server):
+    found = search(sentinel_scene.aoi_bbox, "2021-06-01/2021-06-20", ("sentinel-2-l2a",), url=stac_api_url)
+    ds = load(found, sentinel_scene.aoi_bbox)  # lazy: nothing read yet
+    before = storage_server.tokens_issued
+    storage_server.expire_tokens()           # every token signed so far is now invalid
+    storage_server.expire_tokens(after_reads=20)  # and the next ones die mid-load
+    try:
+        out = ds.B04.values
+    finally:
+        storage_server.clear_faults()
+    assert storage_server.tokens_issued > before
+    assert any(r[3] == 403 for r in storage_server.requests)
+    path = sentinel_scene.manifest["s2"][0]["assets"]["B04"]["path"]
+    np.testing.assert_array_equal(out[0], _direct(sentinel_scene, path, ds.odc.geobox))
+    storage_server.clear_faults()
+
+
+def test_disappearing_cog_clear_error_nothing_written(items, sentinel_scene, storage_server, tmp_path):
+    item = [i for i in items if i.collection_id == "sentinel-2-l2a"][0].clone()
+    path = sentinel_scene.manifest["s2"][0]["assets"]["B05"]["path"]
+    gone = "faulty/" + path.replace("/", "_")
+    storage_server.copy_tree(path, gone)
+    href = item.assets["B05"].href.split("?")[0]
+    item.assets["B05"].href = href.replace(path, gone)
+    storage_server.remove_after(gone, 1)
+    ds = load([item], sentinel_scene.aoi_bbox)
+    target = tmp_path / "out.zarr"
+    with pytest.raises(TerraFMReadError, match="could not read .*B05.*removed"):
+        save(ds, target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_open_sentinel_with_worldcover(stac_api_url, sentinel_scene):
+    ds = terrafm.open_sentinel(sentinel_scene.aoi_bbox, sentinel_scene.start, sentinel_scene.end,
+                               collections=("sentinel-2-l2a", "esa-worldcover"), url=stac_api_url)
+    wc = ds.worldcover.values
+    assert wc.dtype == np.uint8 and ds.worldcover.dims == ("y", "x")
+    assert set(np.unique(wc)) <= {0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100}
+    assert (wc > 0).mean() > 0.99
