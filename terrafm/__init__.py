@@ -24,6 +24,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # public name -> module that defines it; imported on first access
 _LAZY: dict[str, str] = {
+    "open_sentinel": "terrafm.stac",
     "create_model": "terrafm.model",
     "load_weights": "terrafm.model",
     "list_models": "terrafm.model",
