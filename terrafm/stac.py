@@ -317,7 +317,7 @@ def load(
     aoi: Any = None,
     resolution: float = 10,
     crs: str | int = "utm",
-    chunks: Mapping[str, int] | None = None,
+    chunks: Mapping[str, int] | None | bool = None,
     modalities: Sequence[str] | None = None,
     *,
     catalog: str | None = "planetary-computer",
@@ -327,6 +327,7 @@ def load(
     resampling: str = "nearest",
     keep_scl: bool = False,
     gdal_options: Mapping[str, str] | None = None,
+    geobox: Any = None,
 ) -> xr.Dataset:
     """Load STAC items onto one GeoBox as a lazy, model-ready-by-contract ``xr.Dataset``.
 
@@ -341,7 +342,8 @@ def load(
     crs : "utm" or EPSG code
         ``"utm"`` picks the AOI's zone and refuses AOIs spanning zones.
     chunks : dict, optional
-        Dask chunks, default ``{"time": 1, "x": 1024, "y": 1024}``.
+        Dask chunks, default ``{"time": 1, "x": 1024, "y": 1024}``; ``False`` loads eagerly into
+        numpy with a thread pool (fast path for single chips).
     modalities : sequence of str, optional
         Subset of modalities to load (``"s2_l2a"``, ``"s2_l1c"``, ``"s1"``, ``"worldcover"``).
     catalog : str or None
@@ -355,6 +357,10 @@ def load(
         time axis, ``s1_time_gap`` recorded); ``None`` keeps the union of dates.
     groupby : str
         odc-stac grouping, ``"solar_day"`` merges same-day granules.
+    keep_scl : bool
+        Keep the S2 scene classification as variable ``SCL``.
+    geobox : odc.geo.geobox.GeoBox, optional
+        Exact output grid (overrides ``aoi``/``resolution``/``crs``), e.g. one chip of a tiling.
 
     Returns
     -------
@@ -388,8 +394,9 @@ def load(
         by_modality = {m: v for m, v in by_modality.items() if m in modalities}
         if not by_modality:
             raise ValueError(f"none of the items carry modalities {list(modalities)}")
-    geobox = _geobox(items, aoi, resolution, crs)
-    chunks = dict(chunks or {"time": 1, "x": 1024, "y": 1024})
+    if geobox is None:
+        geobox = _geobox(items, aoi, resolution, crs)
+    chunks = None if chunks is False else dict(chunks or {"time": 1, "x": 1024, "y": 1024})
     options = {**GDAL_HTTP_OPTIONS, **(gdal_options or {})}
     driver = _make_driver(sign, options)
 
@@ -399,7 +406,8 @@ def load(
         if spec.mask_asset:
             cfg[spec.collection]["assets"][spec.mask_asset] = {"data_type": "uint8", "nodata": 0}
         ds = odc.stac.load(mod_items, bands=keys, geobox=geobox, chunks=chunks, groupby=groupby,
-                           resampling=resampling, driver=driver, stac_cfg=cfg, fail_on_error=True, **kw)
+                           resampling=resampling, driver=driver, stac_cfg=cfg, fail_on_error=True,
+                           pool=4 if chunks is None else None, **kw)
         return ds.rename({k: v for k, v in rename.items() if k in ds.data_vars})
 
     parts: dict[str, xr.Dataset] = {}
