@@ -5,9 +5,9 @@ Constants (band order, mu/sigma, dB conversion) come from :mod:`terrafm.sensors`
 Examples
 --------
 >>> import terrafm                                                          # doctest: +SKIP
->>> ds = terrafm.open_sentinel(aoi, "2023-06-01", "2023-08-31")
->>> monthly = terrafm.prepare.composite(ds, "month")
->>> x = terrafm.prepare.normalize(monthly)                    # s2_l2a: (time, band_s2_l2a, y, x)
+>>> ds = terrafm.open_sentinel(aoi, "2023-06-01", "2023-08-31")  # doctest: +SKIP
+>>> monthly = terrafm.prepare.composite(ds, "month")  # doctest: +SKIP
+>>> x = terrafm.prepare.normalize(monthly)                    # s2_l2a: (time, band_s2_l2a, y, x)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def composite(ds: xr.Dataset, freq: str | Sequence = "month") -> xr.Dataset:
     Examples
     --------
     >>> monthly = composite(ds, "month")                                     # doctest: +SKIP
-    >>> monthly.count_s2_l2a.max().item() <= ds.sizes["time"]
+    >>> monthly.count_s2_l2a.max().item() <= ds.sizes["time"]  # doctest: +SKIP
     True
     """
     keys, bins = _bins(ds.time, freq)
@@ -168,7 +168,7 @@ def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset
     Examples
     --------
     >>> x = normalize(ds)                                                     # doctest: +SKIP
-    >>> x.s2_l2a.dims
+    >>> x.s2_l2a.dims  # doctest: +SKIP
     ('time', 'band_s2_l2a', 'y', 'x')
     """
     if s2_offset not in ("raw", "harmonize"):

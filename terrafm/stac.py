@@ -8,8 +8,8 @@ collection carries which modality, under which asset keys, is the table
 Examples
 --------
 >>> import terrafm                                                         # doctest: +SKIP
->>> ds = terrafm.open_sentinel((11.50, 48.10, 11.56, 48.14), "2023-06-01", "2023-08-31")
->>> ds.B04.dims, ds.rio.crs.to_epsg(), ds.attrs["terrafm_modalities"]
+>>> ds = terrafm.open_sentinel((11.50, 48.10, 11.56, 48.14), "2023-06-01", "2023-08-31")  # doctest: +SKIP
+>>> ds.B04.dims, ds.rio.crs.to_epsg(), ds.attrs["terrafm_modalities"]  # doctest: +SKIP
 (('time', 'y', 'x'), 32632, ['s2_l2a', 's1'])
 """
 
@@ -171,7 +171,7 @@ def search(
 
     Examples
     --------
-    >>> items = search((11.50, 48.10, 11.56, 48.14), "2023-06-01/2023-06-30",
+    >>> items = search((11.50, 48.10, 11.56, 48.14), "2023-06-01/2023-06-30",  # doctest: +SKIP
     ...                max_cloud=20)                                        # doctest: +SKIP
     """
     import pystac_client
@@ -370,7 +370,7 @@ def load(
     Examples
     --------
     >>> ds = load(search(aoi, "2023-06-01/2023-06-30"), aoi)                 # doctest: +SKIP
-    >>> ds.mask_s2_l2a.dtype
+    >>> ds.mask_s2_l2a.dtype  # doctest: +SKIP
     dtype('bool')
     """
     import odc.stac
@@ -501,9 +501,9 @@ def open_sentinel(
     Examples
     --------
     >>> import terrafm                                                       # doctest: +SKIP
-    >>> ds = terrafm.open_sentinel((11.50, 48.10, 11.56, 48.14), "2023-06-01", "2023-08-31",
-    ...                            max_cloud=30)
-    >>> ds = terrafm.prepare.normalize(ds)
+    >>> ds = terrafm.open_sentinel((11.50, 48.10, 11.56, 48.14), "2023-06-01", "2023-08-31",  # doctest: +SKIP
+    ...                            max_cloud=30)  # doctest: +SKIP
+    >>> ds = terrafm.prepare.normalize(ds)  # doctest: +SKIP
     """
     items = search(aoi, f"{start}/{end}", collections, catalog, url=url, max_cloud=max_cloud)
     return load(items, aoi, catalog=catalog if catalog and not str(catalog).startswith("http") else None, **load_kwargs)
