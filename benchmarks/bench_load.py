@@ -3,7 +3,7 @@
 Serves the test scene's real Sentinel COGs (tests/support) from a local Range-capable HTTP server,
 then loads N 224 x 224 chips of S2 (12 bands, one date) + S1 (vv, vh, one date) two ways in the
 same run:
-  * terrafm: ``terrafm.stac.load(items, geobox=chip, chunks=False)`` (odc-stac, eager, 4 threads)
+  * terrafm: ``terrafm.stac.load(items, geobox=chip, chunks=False)`` (odc-stac, eager, no dask)
   * baseline: ``rasterio.open(url).read(window=...)`` per band, 20/60 m bands repeated to 10 m
 Prints chips/s, MB/s, the ratio terrafm/baseline (target >= 0.8) and peak RSS. Run:
 ``python benchmarks/bench_load.py [n_chips]``.

@@ -343,7 +343,7 @@ def load(
         ``"utm"`` picks the AOI's zone and refuses AOIs spanning zones.
     chunks : dict, optional
         Dask chunks, default ``{"time": 1, "x": 1024, "y": 1024}``; ``False`` loads eagerly into
-        numpy with a thread pool (fast path for single chips).
+        numpy in the calling thread (fast path for single chips).
     modalities : sequence of str, optional
         Subset of modalities to load (``"s2_l2a"``, ``"s2_l1c"``, ``"s1"``, ``"worldcover"``).
     catalog : str or None
@@ -407,7 +407,7 @@ def load(
             cfg[spec.collection]["assets"][spec.mask_asset] = {"data_type": "uint8", "nodata": 0}
         ds = odc.stac.load(mod_items, bands=keys, geobox=geobox, chunks=chunks, groupby=groupby,
                            resampling=resampling, driver=driver, stac_cfg=cfg, fail_on_error=True,
-                           pool=4 if chunks is None else None, **kw)
+                           **kw)
         return ds.rename({k: v for k, v in rename.items() if k in ds.data_vars})
 
     parts: dict[str, xr.Dataset] = {}
