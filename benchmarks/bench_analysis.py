@@ -55,7 +55,9 @@ def synthetic_embedding(n: int, dim: int, seed: int = 0):
     da = xr.DataArray(values.reshape(side, side, dim), dims=("y", "x", "embedding"),
                       coords={"y": 5_000_000 - 160 * (np.arange(side) + 0.5), "x": 400_000 + 160 * (np.arange(side) + 0.5)},
                       name="embedding")
-    return da.rio.write_crs("EPSG:32633").rio.write_transform(Affine(160, 0, 400_000, 0, -160, 5_000_000))
+    da.rio.write_crs("EPSG:32633", inplace=True)  # inplace: no copy of a multi-GiB array
+    da.rio.write_transform(Affine(160, 0, 400_000, 0, -160, 5_000_000), inplace=True)
+    return da
 
 
 def timed(fn, trace: bool = False):
@@ -88,7 +90,24 @@ def _warm_up_umap(dim: int) -> float:
 
 
 def _rss_gib() -> float:
+    """Peak RSS of this process image (VmHWM: unlike ru_maxrss it does not inherit the parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux), so the next _rss_gib() is the peak of one phase."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
 
 
 def phase_ours(args) -> dict:
@@ -99,6 +118,7 @@ def phase_ours(args) -> dict:
     emb = synthetic_embedding(args.n, args.dim)
     rss_data = _rss_gib()
     jit = _warm_up_umap(args.dim)
+    _reset_peak()
     reducer, t_fit, _ = timed(lambda: fit_rgb(emb, method="umap", sample=args.sample, seed=0))
     rgb, t_tr, _ = timed(lambda: reducer.transform(emb))
     assert np.isfinite(rgb.values).all() and rgb.rio.crs == emb.rio.crs
@@ -114,6 +134,7 @@ def phase_baseline(args, size: int) -> dict:
     rss_data = _rss_gib()
     jit = _warm_up_umap(args.dim)
     vectors = emb.values.reshape(-1, args.dim)
+    _reset_peak()
     _, t, _ = timed(lambda: umap.UMAP(n_components=3, metric="cosine", random_state=0).fit(vectors))
     return {"n": len(vectors), "fit": t, "jit": jit, "rss_data": rss_data, "rss": _rss_gib()}
 
@@ -137,15 +158,15 @@ def bench_umap(args):
     print(f"UMAP colouring: {n:,} vectors x {args.dim} (synthetic 40-cluster mixture, {ours['gib']:.2f} GiB float32)")
     print(f"  ours  fit on {args.sample:,} + transform all in chunks: {total:8.1f} s "
           f"(fit {ours['fit']:.1f} s, transform {ours['transform']:.1f} s = {n / ours['transform']:,.0f} vectors/s), "
-          f"peak RSS {ours['rss']:.2f} GiB of which input {ours['rss_data']:.2f} GiB; numba JIT warm-up "
+          f"peak RSS during fit+transform {ours['rss']:.2f} GiB (input alone {ours['rss_data']:.2f} GiB); JIT warm-up "
           f"{ours['jit']:.0f} s excluded")
     sizes = [int(s) for s in args.baseline_sizes.split(",") if int(s) <= min(args.baseline_max, n)]
     fits = []
     for size in sizes:
         res = _child(args, f"baseline:{size}")
         fits.append(res)
-        print(f"  baseline UMAP fit on all of {res['n']:>9,}: {res['fit']:8.1f} s, peak RSS {res['rss']:.2f} GiB "
-              f"(input {res['rss_data']:.2f} GiB)")
+        print(f"  baseline UMAP fit on all of {res['n']:>9,}: {res['fit']:8.1f} s, peak RSS during fit {res['rss']:.2f} GiB "
+              f"(input alone {res['rss_data']:.2f} GiB)")
     if fits and fits[-1]["n"] == n:
         base, label = fits[-1]["fit"], "measured"
     else:
