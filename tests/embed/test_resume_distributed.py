@@ -1,0 +1,110 @@
+"""kill -9 mid-run then resume gives the identical zarr; a dask LocalCluster equals one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from terrafm.embed import STORE_VAR, embed
+
+HERE = Path(__file__).parent
+SCRIPT = """
+import sys, torch
+sys.path.insert(0, {here!r})
+from embed_helpers import make_dataset
+from terrafm.embed import embed
+from terrafm.model import create_model
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = create_model("terrafm_tiny").eval()
+ds = make_dataset(height=640, width=640, times=2, s1=True).chunk({{"y": 128, "x": 128}})
+embed(ds, model=model, chip_size=96, overlap=16, block_chips=1, batch_size=1, device="cpu",
+      progress=False, out=sys.argv[1])
+"""
+
+
+def _run_kw():
+    return dict(chip_size=96, overlap=16, block_chips=1, batch_size=1, device="cpu", progress=False)
+
+
+def _model():
+    import torch
+
+    from terrafm.model import create_model
+
+    torch.manual_seed(0)
+    return create_model("terrafm_tiny").eval()
+
+
+def _dataset():
+    from embed_helpers import make_dataset
+
+    return make_dataset(height=640, width=640, times=2, s1=True).chunk({"y": 128, "x": 128})
+
+
+def _arrays(path):
+    group = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(group[name][...]) for name in (STORE_VAR, "valid", "valid_s1", "valid_s2_l2a", "blocks_done")}
+
+
+def test_kill9_then_resume_is_bit_identical(tmp_path):
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=str(HERE)), str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "blocks_done" / "zarr.json").exists():
+            try:
+                done = int(np.asarray(zarr.open_group(str(out), mode="r")["blocks_done"][...]).sum())
+            except Exception:
+                done = 0
+            if done >= 20:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _arrays(out)["blocks_done"]
+    assert 0 < partial.sum() < partial.size, partial.sum()
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed run: kernels may split work differently per thread count
+    try:
+        resumed = embed(_dataset(), model=_model(), out=out, **_run_kw())
+        reference = embed(_dataset(), model=_model(), out=tmp_path / "clean.zarr", **_run_kw())
+    finally:
+        torch.set_num_threads(threads)
+    a, b = _arrays(out), _arrays(tmp_path / "clean.zarr")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert a["blocks_done"].all()
+    np.testing.assert_array_equal(resumed.values, reference.values)
+
+
+def test_local_cluster_equals_single_process(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    from embed_helpers import make_dataset
+
+    ds = make_dataset(height=192, width=224, times=1).chunk({"y": 64, "x": 64})
+    kw = dict(chip_size=64, overlap=16, block_chips=2, batch_size=4, device="cpu", progress=False)
+    single = embed(ds, model=_model(), **kw)
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        spread = embed(ds, model=_model(), client=client, **kw)
+        stored = embed(ds, model=_model(), client=client, out=tmp_path / "d.zarr", **kw)
+        workers = client.run(lambda: sorted(__import__("terrafm.embed").embed._WORKER_MODELS))
+    np.testing.assert_allclose(spread.values, single.values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(spread.valid.values, single.valid.values)
+    np.testing.assert_array_equal(stored.values, spread.values)
+    assert len(workers) == 2
