@@ -54,10 +54,13 @@ def _cmd_embed(args) -> int:
     except ImportError:
         logger.error("terrafm.stac is not available in this installation")
         return 2
-    kwargs = {"bbox": tuple(args.bbox), "start": args.start, "end": args.end}
+    kwargs = {}
     if args.catalog:
-        kwargs["catalog"] = args.catalog
-    ds = stac.load(**kwargs)
+        if args.catalog.startswith("http"):
+            kwargs["url"] = args.catalog
+        else:
+            kwargs["catalog"] = args.catalog
+    ds = stac.open_sentinel(tuple(args.bbox), args.start, args.end, **kwargs)
     embed(ds, model=args.model, weights=args.weights, level=args.level, device=args.device, out=args.out)
     logger.info("wrote %s", args.out)
     return 0
