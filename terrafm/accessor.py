@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import xarray as xr
 
+from .analysis.accessor import EmbeddingAnalysisMixin
+
 
 class _TerrafmAccessor:
     def __init__(self, obj) -> None:
@@ -34,5 +36,7 @@ class DatasetTerrafmAccessor(_TerrafmAccessor):
 
 
 @xr.register_dataarray_accessor("terrafm")
-class DataArrayTerrafmAccessor(_TerrafmAccessor):
-    """``da.terrafm.embed(...)`` ≡ ``terrafm.embed(da, ...)``."""
+class DataArrayTerrafmAccessor(_TerrafmAccessor, EmbeddingAnalysisMixin):
+    """``da.terrafm.embed(...)`` ≡ ``terrafm.embed(da, ...)``; on an embedding DataArray also
+    ``rgb``, ``similar``, ``change``, ``cluster``, ``fit_classifier``, ``to_geoparquet``
+    (thin wrappers over :mod:`terrafm.analysis`)."""
