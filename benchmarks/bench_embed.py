@@ -31,6 +31,8 @@ for b in S2_BANDS:
     ds[b].attrs = {"modality": "s2_l1c"}
 torch.manual_seed(0)
 model = create_model(model_name).eval()
+with torch.inference_mode():  # same warm-up as the model-only loop (stem folding, allocator)
+    model({"s2_l1c": torch.zeros(8, 12, chip, chip)})
 t = time.perf_counter()
 emb = embed(ds, model=model, chip_size=chip, overlap=0, batch_size=8, device="cpu", progress=False)
 dt = time.perf_counter() - t
