@@ -19,6 +19,27 @@ logger = logging.getLogger(__name__)
 DEMO_FILE = Path(__file__).with_name("data") / "s2_l1c_demo.tif"
 
 
+def _save_picture(sample, rgb, path: Path) -> None:
+    """True colour of the sample beside the PCA colouring of its embedding, same extent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    true_colour = np.stack([sample[b].values for b in ("B04", "B03", "B02")], axis=-1).astype("float32")
+    lo, hi = np.percentile(true_colour, (2, 98))
+    true_colour = np.clip((true_colour - lo) / (hi - lo), 0, 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), constrained_layout=True)
+    axes[0].imshow(true_colour)
+    axes[0].set_title("Sentinel-2 L1C true colour (10 m)")
+    axes[1].imshow(np.nan_to_num(rgb.values), interpolation="nearest")
+    axes[1].set_title("TerraFM embedding, first 3 PCs (160 m)")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def load_demo():
     """The packaged 448x448 px 10 m Sentinel-2 L1C sample as a terrafm Dataset (y, x).
 
@@ -33,7 +54,7 @@ def load_demo():
 
     from .sensors import S2_BANDS
 
-    da = rioxarray.open_rasterio(DEMO_FILE).squeeze(drop=True) if False else rioxarray.open_rasterio(DEMO_FILE)
+    da = rioxarray.open_rasterio(DEMO_FILE)
     ds = xr.Dataset({b: da.isel(band=i, drop=True) for i, b in enumerate(S2_BANDS)})
     for b in S2_BANDS:
         ds[b].attrs = {"modality": "s2_l1c"}
@@ -67,21 +88,11 @@ def run_demo(weights: str = "hf", out: str = "terrafm-demo", device: str = "auto
         logger.warning("--weights random: running an UNTRAINED model; the picture shows structure only")
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    emb = embed(load_demo(), model=model, chip_size=224, overlap=48, device=device,
+    from .analysis import to_rgb
+
+    sample = load_demo()
+    emb = embed(sample, model=model, chip_size=224, overlap=48, device=device,
                 out=outdir / "embeddings.zarr", batch_size=4)
-    vec = emb.values.reshape(-1, emb.shape[-1])
-    ok = np.isfinite(vec).all(1)
-    centered = vec[ok] - vec[ok].mean(0)
-    _, _, vt = np.linalg.svd(centered, full_matrices=False)
-    pcs = np.full((vec.shape[0], 3), np.nan)
-    pcs[ok] = centered @ vt[:3].T
-    lo, hi = np.nanpercentile(pcs, 2, axis=0), np.nanpercentile(pcs, 98, axis=0)
-    rgb = np.clip((pcs - lo) / (hi - lo + 1e-12), 0, 1).reshape(emb.shape[:-1] + (3,))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.imsave(outdir / "pca.png", np.nan_to_num(rgb))
+    _save_picture(sample, to_rgb(emb, method="pca", seed=0), outdir / "pca.png")
     logger.info("wrote %s and %s", outdir / "embeddings.zarr", outdir / "pca.png")
     return 0
