@@ -1,0 +1,127 @@
+"""Shared machinery of the interactive apps: a map, a message line, guarded handlers.
+
+Each app is a plain class that holds its state; widget events call its public handlers
+(``click(lon, lat)``, ``set_dates(a, b)``, ...). A handler that fails shows the reason in the
+app's message line instead of a traceback in the kernel log.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(handler: F) -> F:
+    """Run ``handler``; on an exception show ``"<Type>: <message>"`` in ``self.message`` and return None."""
+
+    @functools.wraps(handler)
+    def wrapper(self, *args, **kwargs):
+        try:
+            result = handler(self, *args, **kwargs)
+        except Exception as exc:  # every failure must reach the user, not just the log
+            self.show_error(exc)
+            logger.info("%s.%s failed: %s", type(self).__name__, handler.__name__, exc)
+            return None
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+class MapApp:
+    """Base of the apps: ``self.map`` (leafmap), ``self.message`` (HTML), ``self.widget`` (VBox).
+
+    Subclasses implement ``_setup()`` (may raise: the message then explains why the app is
+    empty) and ``_controls()`` (widgets above the map).
+    """
+
+    title = ""
+
+    def __init__(self, emb: Any, map: Any = None, toolbar: bool = False, height: str = "520px") -> None:
+        import ipywidgets
+
+        self.emb = emb
+        self.error: str | None = None
+        self.message = ipywidgets.HTML(value="", layout=ipywidgets.Layout(min_height="1.6em"))
+        self.map = map
+        self._toolbar, self._height = toolbar, height
+        try:
+            self._check_input(emb)
+            if self.map is None:
+                from .layers import new_map
+
+                self.map = new_map(emb, toolbar=toolbar, height=height)
+            self.map.on_interaction(self._on_interaction)
+            self._setup()
+        except Exception as exc:
+            self.show_error(exc)
+            if self.map is None:
+                from .layers import new_map
+
+                self.map = new_map(None, toolbar=toolbar, height=height)
+        self.widget = self._build_widget(self._controls())
+
+    # ----- overridable -------------------------------------------------------------------
+    def _setup(self) -> None:
+        """Compute the initial layers."""
+
+    def _controls(self) -> list:
+        return []
+
+    def _build_widget(self, controls: list):
+        import ipywidgets
+
+        return ipywidgets.VBox([*controls, self.map, self.message])
+
+    # ----- messages ----------------------------------------------------------------------
+    def show_error(self, exc: BaseException | str) -> None:
+        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        self.error = text
+        self.message.value = (f"<div class='terrafm-message terrafm-error' style='color:#b00020'>"
+                              f"&#9888; {html.escape(text)}</div>")
+
+    def show_info(self, text: str) -> None:
+        self.error = None
+        self.message.value = f"<div class='terrafm-message' style='color:#333'>{html.escape(text)}</div>"
+
+    # ----- input checks ------------------------------------------------------------------
+    @staticmethod
+    def _check_input(emb: Any) -> None:
+        from ..analysis._grid import check_embedding
+
+        check_embedding(emb)
+
+    # ----- geometry helpers --------------------------------------------------------------
+    def cell_of(self, emb: Any, lon: float, lat: float) -> tuple[int, int]:
+        """(row, col) of the grid cell containing (lon, lat); a clear error when outside the data."""
+        from pyproj import Transformer
+
+        x, y = Transformer.from_crs("EPSG:4326", emb.rio.crs, always_xy=True).transform(lon, lat)
+        inverse = ~emb.rio.transform(recalc=True)
+        col_f, row_f = inverse * (x, y)
+        row, col = int(np.floor(row_f)), int(np.floor(col_f))
+        if not (0 <= row < emb.sizes["y"] and 0 <= col < emb.sizes["x"]):
+            raise ValueError(
+                f"the point ({lon:.5f}, {lat:.5f}) is outside the data; click inside the coloured area"
+            )
+        return row, col
+
+    def _on_interaction(self, **event: Any) -> None:
+        if event.get("type") == "click":
+            lat, lon = event["coordinates"]
+            self.click(lon, lat)
+
+    def click(self, lon: float, lat: float) -> None:  # pragma: no cover - overridden
+        """Handle a map click at (lon, lat)."""
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)

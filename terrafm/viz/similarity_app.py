@@ -1,0 +1,145 @@
+"""Click-to-similar: click the map, see how similar every position is and the top-k matches."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ._app import MapApp, guarded
+from .layers import add_embedding_layer
+
+logger = logging.getLogger(__name__)
+
+
+class SimilarityExplorer(MapApp):
+    """Click a location: a similarity layer and markers on the ``k`` most similar positions.
+
+    Parameters
+    ----------
+    emb : xr.DataArray
+        Embeddings from :func:`terrafm.embed` (a ``time`` dim gets a date picker).
+    k : int
+        Number of top matches marked.
+    metric : {"cosine", "euclidean"}
+        Passed to :func:`terrafm.analysis.similarity`.
+    map : leafmap map, optional
+        Draw on this map instead of a new one.
+
+    Attributes
+    ----------
+    similarity : xr.DataArray or None
+        The last similarity map (y, x).
+    matches : GeoDataFrame or None
+        The top-k positions (EPSG:4326) with their similarity.
+    query : (lon, lat) or None
+
+    Examples
+    --------
+    >>> app = SimilarityExplorer(emb, k=10)       # doctest: +SKIP
+    >>> app                                       # doctest: +SKIP  (click the map)
+    >>> app.click(13.40, 52.52); app.matches      # doctest: +SKIP  (what a click does)
+    """
+
+    def __init__(self, emb: Any, k: int = 10, metric: str = "cosine", map: Any = None, **kwargs: Any) -> None:
+        self.k = int(k)
+        self.metric = metric
+        self.similarity = None
+        self.matches = None
+        self.query: tuple[float, float] | None = None
+        self.date_index = 0
+        self.markers = None
+        super().__init__(emb, map=map, **kwargs)
+
+    def _setup(self) -> None:
+        import ipyleaflet
+
+        from ..analysis import to_rgb
+
+        self.markers = ipyleaflet.LayerGroup(name="top matches")
+        self.map.add_layer(self.markers)
+        add_embedding_layer(self.map, to_rgb(self.current()), "embedding (PCA)", opacity=0.9, legend=False)
+        self.show_info("Click the map to find similar places.")
+
+    def _controls(self) -> list:
+        import ipywidgets
+
+        controls = []
+        self.k_slider = ipywidgets.IntSlider(value=self.k, min=1, max=100, description="top k")
+        self.k_slider.observe(lambda change: self.set_k(change["new"]), names="value")
+        controls.append(self.k_slider)
+        if "time" in getattr(self.emb, "dims", ()) and self.emb.sizes["time"] > 1:
+            dates = [str(t)[:10] for t in self.emb["time"].values]
+            self.date_picker = ipywidgets.Dropdown(options=list(zip(dates, range(len(dates)))), description="date")
+            self.date_picker.observe(lambda change: self.set_date(change["new"]), names="value")
+            controls.append(self.date_picker)
+        return [ipywidgets.HBox(controls)]
+
+    def current(self):
+        """The single-date embedding being searched."""
+        emb = self.emb
+        if "time" in emb.dims:
+            emb = emb.isel(time=self.date_index)
+        return emb
+
+    @guarded
+    def set_date(self, index: int) -> None:
+        """Search another date (index into ``emb.time``); repeats the last query."""
+        self.date_index = int(index)
+        from ..analysis import to_rgb
+
+        add_embedding_layer(self.map, to_rgb(self.current()), "embedding (PCA)", opacity=0.9, legend=False)
+        if self.query is not None:
+            self.click(*self.query)
+
+    @guarded
+    def set_k(self, k: int) -> None:
+        """Change how many top matches are marked."""
+        if int(k) < 1:
+            raise ValueError("k must be at least 1")
+        self.k = int(k)
+        if self.similarity is not None:
+            self._update_matches()
+
+    @guarded
+    def click(self, lon: float, lat: float) -> None:
+        """What a map click does: similarity to the clicked position, layer and markers updated."""
+        from ..analysis import similarity
+
+        emb = self.current()
+        row, col = self.cell_of(emb, lon, lat)
+        valid = bool(np.isfinite(emb.isel(y=row, x=col).values).all())
+        if "valid" in emb.coords:
+            valid = valid and bool(emb["valid"].values[row, col])
+        if not valid:
+            raise ValueError(
+                f"the clicked position ({lon:.5f}, {lat:.5f}) has no valid embedding (cloud or no data); "
+                "click a coloured cell"
+            )
+        vector = emb.transpose("y", "x", "embedding").values[row, col]
+        self.similarity = similarity(emb, vector, metric=self.metric)
+        self.query = (float(lon), float(lat))
+        self.query_cell = (row, col)
+        vmin, vmax = (-1.0, 1.0) if self.metric == "cosine" else (None, None)
+        add_embedding_layer(self.map, self.similarity, "similarity", kind="continuous", cmap="magma",
+                            vmin=vmin, vmax=vmax, opacity=0.75)
+        self._update_matches()
+        self.show_info(f"Query ({lon:.5f}, {lat:.5f}); {self.k} most similar positions marked.")
+
+    def _update_matches(self) -> None:
+        import ipyleaflet
+
+        from ..analysis import top_k
+
+        matches = top_k(self.similarity, k=self.k).to_crs("EPSG:4326")
+        self.matches = matches
+        self.markers.clear_layers()
+        for point, score in zip(matches.geometry, matches["similarity"]):
+            self.markers.add_layer(ipyleaflet.CircleMarker(
+                location=(point.y, point.x), radius=6, color="#00e5ff", fill_color="#00e5ff",
+                fill_opacity=0.6, weight=2, title=f"{score:.3f}"))
+        if self.query is not None:
+            self.markers.add_layer(ipyleaflet.CircleMarker(
+                location=(self.query[1], self.query[0]), radius=8, color="#ffffff", fill_color="#ff00aa",
+                fill_opacity=1.0, weight=3, name="query"))
