@@ -67,7 +67,28 @@ def fit_to(m: Any, data: Any) -> None:
     left, bottom, right, top = data.rio.bounds()
     to_lonlat = Transformer.from_crs(data.rio.crs, "EPSG:4326", always_xy=True)
     west, south, east, north = to_lonlat.transform_bounds(left, bottom, right, top)
-    m.fit_bounds([[south, west], [north, east]])
+    zoom_to(m, ((south, west), (north, east)))
+
+
+def zoom_to(m: Any, bounds: tuple, width_px: int = 800, height_px: int = 480) -> None:
+    """Centre ``m`` on ((south, west), (north, east)) at the largest zoom that shows it all.
+
+    Computed here rather than with ``Map.fit_bounds``, which needs a running asyncio loop and a
+    browser round trip; ``width_px``/``height_px`` is the assumed map size.
+    """
+    import math
+
+    (south, west), (north, east) = bounds
+
+    def merc_y(lat: float) -> float:
+        lat = max(min(lat, 85.0), -85.0)
+        return math.log(math.tan(math.pi / 4 + math.radians(lat) / 2))
+
+    lon_span = max(east - west, 1e-9) / 360.0
+    lat_span = max(merc_y(north) - merc_y(south), 1e-9) / (2 * math.pi)
+    zoom = math.floor(min(math.log2(width_px / 256 / lon_span), math.log2(height_px / 256 / lat_span)))
+    m.center = ((south + north) / 2, (west + east) / 2)
+    m.zoom = max(0, min(zoom, 18))
 
 
 def legend_html(name: str, legend: dict) -> str:
@@ -198,8 +219,7 @@ def add_embedding_layer(
     layer = EmbeddingLayer(name=name, image=image, legend=control, overlay=overlay)
     registry[name] = layer
     if fit_bounds:
-        (south, west), (north, east) = overlay.bounds
-        m.fit_bounds([[south, west], [north, east]])
+        zoom_to(m, overlay.bounds)
     logger.debug("layer %r: %s %s px, bounds %s", name, overlay.kind, overlay.rgba.shape[:2], overlay.bounds)
     return layer
 

@@ -147,23 +147,35 @@ def _rgb_unit(values: np.ndarray) -> np.ndarray:
     return np.clip(values.astype(np.float32), 0, 1)
 
 
-def _target_shape(src: xr.DataArray, max_size: int, min_size: int) -> tuple[tuple[int, int], bool]:
-    """Output (height, width) in Web Mercator: native pixel count, clamped to [min_size, max_size]."""
-    from rasterio.warp import calculate_default_transform
+def _target_grid(src: xr.DataArray, max_size: int, min_size: int):
+    """Web Mercator (transform, (height, width), shrinking) covering ``src``'s whole footprint.
+
+    The extent is the densified envelope of the source bounds; the pixel count starts from the
+    source's (same ground resolution) and is clamped to [min_size, max_size] on the longest side.
+    """
+    from pyproj import Transformer
+    from rasterio.transform import from_bounds
 
     left, bottom, right, top = src.rio.bounds()
-    _, width, height = calculate_default_transform(
-        src.rio.crs, WEB_MERCATOR, src.sizes["x"], src.sizes["y"], left=left, bottom=bottom, right=right, top=top
-    )
-    longest = max(width, height)
-    if longest > max_size:
-        scale = max_size / longest
-    elif longest < min_size:
-        scale = float(math.ceil(min_size / longest))
+    to_merc = Transformer.from_crs(src.rio.crs, WEB_MERCATOR, always_xy=True)
+    m_left, m_bottom, m_right, m_top = to_merc.transform_bounds(left, bottom, right, top, densify_pts=64)
+    # ground resolution of the source expressed in Mercator metres at this latitude
+    cell = max(abs(right - left) / src.sizes["x"], abs(top - bottom) / src.sizes["y"])
+    scale_factor = (m_top - m_bottom) / max(top - bottom, 1e-9)
+    native = max(m_right - m_left, m_top - m_bottom) / (cell * scale_factor)
+    if native > max_size:
+        longest = max_size
+    elif native < min_size:
+        longest = native * math.ceil(min_size / native)
     else:
-        scale = 1.0
-    shape = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
-    return shape, scale < 1.0
+        longest = native
+    aspect = (m_top - m_bottom) / (m_right - m_left)
+    if aspect <= 1:
+        width, height = int(round(longest)), max(1, int(round(longest * aspect)))
+    else:
+        height, width = int(round(longest)), max(1, int(round(longest / aspect)))
+    transform = from_bounds(m_left, m_bottom, m_right, m_top, width, height)
+    return transform, (height, width), native > max_size
 
 
 def to_web_mercator(data: xr.DataArray, kind: str, max_size: int = MAX_SIZE,
@@ -175,7 +187,7 @@ def to_web_mercator(data: xr.DataArray, kind: str, max_size: int = MAX_SIZE,
     """
     from rasterio.enums import Resampling
 
-    shape, shrinking = _target_shape(data, max_size, min_size)
+    transform, shape, shrinking = _target_grid(data, max_size, min_size)
     if not shrinking:
         resampling = Resampling.nearest
     else:
@@ -184,7 +196,7 @@ def to_web_mercator(data: xr.DataArray, kind: str, max_size: int = MAX_SIZE,
     keep = [c for c in src.coords if c in src.dims or c == "spatial_ref"]
     src = src.drop_vars([c for c in src.coords if c not in keep])
     src = src.rio.write_nodata(np.nan, encoded=False)
-    out = src.rio.reproject(WEB_MERCATOR, shape=shape, resampling=resampling, nodata=np.nan)
+    out = src.rio.reproject(WEB_MERCATOR, shape=shape, transform=transform, resampling=resampling, nodata=np.nan)
     if shrinking:
         logger.info("overlay downsampled from %dx%d cells to %dx%d px", data.sizes["y"], data.sizes["x"], *shape)
     return out
