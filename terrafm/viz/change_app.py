@@ -137,7 +137,9 @@ class ChangeExplorer(MapApp):
         self.pair = (a, b)
         self.result = result
         values = result["distance"].values[np.isfinite(result["distance"].values)]
-        self.histogram = np.histogram(values, bins=self.bins, range=(0.0, max(float(values.max()), 1e-6)))
+        # 1 - cos can come out a hair below 0 for identical vectors: keep those in the first bin
+        low = min(0.0, float(values.min()))
+        self.histogram = np.histogram(values, bins=self.bins, range=(low, max(float(values.max()), low + 1e-6)))
         self.threshold = float(result.attrs["threshold"])
         add_embedding_layer(self.map, result["distance"], "change distance", kind="continuous", cmap="viridis",
                             vmin=0.0, vmax=float(np.percentile(values, 99)) or 1.0, opacity=0.7)
