@@ -1,0 +1,133 @@
+"""Every notebook runs end to end (nbclient) in local mode: local STAC API, real Sentinel COGs,
+untrained terrafm_tiny. A check cell appended to each notebook reports what its maps hold."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+
+COMMON = """
+import json as _json
+def _report(**values):
+    print("CHECK " + _json.dumps(values, default=float))
+"""
+
+CHECKS = {
+    "01_quickstart.ipynb": """
+layer = viz.get_layer(m, "TerraFM embedding (PCA)")
+(south, west), (north, east) = layer.overlay.bounds
+_report(mode=cfg.mode, dims=list(emb.dims), depth=emb.sizes["embedding"], valid=float(emb.valid.mean()),
+        opaque=float((layer.overlay.rgba[..., 3] > 0).mean()), bounds=[west, south, east, north],
+        bbox=list(cfg.bbox), crs=str(emb.rio.crs), in_map=layer.image in m.layers)
+""",
+    "02_umap_explorer.ipynb": """
+_report(error=link.error, n_points=len(link.coords), n_valid=int(emb.valid.sum()),
+        scatter_points=len(link.scatter.x), has_umap_layer=viz.get_layer(link.map, "UMAP colours") is not None)
+""",
+    "03_change_detection.ipynb": """
+import numpy as _np
+_report(error=app.error, times=[str(t) for t in emb.time.values], threshold=app.threshold,
+        otsu=result.attrs["threshold"], changed_layer=viz.get_layer(app.map, "changed") is not None,
+        hist_total=int(app.histogram[0].sum()), n_both=int(_np.isfinite(result.distance.values).sum()))
+""",
+    "04_similarity_search.ipynb": """
+import numpy as _np
+r, c = app.query_cell
+_report(error=app.error, n_matches=len(app.matches), query_similarity=float(app.similarity.values[r, c]),
+        best=float(app.matches["similarity"].iloc[0]), markers=len(app.markers.layers))
+""",
+    "05_fewshot_landcover.ipynb": """
+import numpy as _np
+_valid = _np.asarray(emb.valid.values)
+_report(names=names, n_train=clf.report["n_train"], accuracy=clf.report.get("accuracy"),
+        predicted_valid=bool(_np.isfinite(prediction["class"].values[_valid]).all()),
+        tool_error=tool.error, has_layer=viz.get_layer(m, "predicted land cover") is not None)
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def local_mode(stac_api_url, monkeypatch_module):
+    monkeypatch_module.setenv("TERRAFM_NOTEBOOK_MODE", "local")
+    monkeypatch_module.setenv("TERRAFM_STAC_URL", stac_api_url)
+    return stac_api_url
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def run_notebook(name: str) -> dict:
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(COMMON + CHECKS[name]))
+    NotebookClient(nb, timeout=240, kernel_name="python3", shutdown_kernel="immediate",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    for output in nb.cells[-1].outputs:
+        if output.get("name") == "stdout" and "CHECK " in output.get("text", ""):
+            return json.loads(output["text"].split("CHECK ", 1)[1])
+    raise AssertionError(f"{name}: the check cell printed nothing")
+
+
+def test_every_notebook_has_a_check():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(CHECKS)
+
+
+def test_quickstart(local_mode):
+    r = run_notebook("01_quickstart.ipynb")
+    assert r["mode"] == "local" and r["in_map"]
+    assert r["dims"] == ["time", "y", "x", "embedding"] and r["depth"] == 64
+    assert r["opaque"] > 0.5 and r["valid"] > 0.5
+    # the overlay sits on the requested area: bounds within ~2 cells (160 m ~ 0.002 deg) of the bbox
+    for got, want in zip(r["bounds"], r["bbox"]):
+        assert abs(got - want) < 0.004, (r["bounds"], r["bbox"])
+
+
+def test_umap_explorer(local_mode):
+    r = run_notebook("02_umap_explorer.ipynb")
+    assert r["error"] is None and r["has_umap_layer"]
+    assert r["n_points"] == r["n_valid"] == r["scatter_points"] > 50
+
+
+def test_change_detection(local_mode):
+    r = run_notebook("03_change_detection.ipynb")
+    assert r["error"] is None and r["changed_layer"]
+    assert len(r["times"]) == 2 and r["times"][0][:7] == "2021-06" and r["times"][1][:7] == "2021-07"
+    assert r["threshold"] == pytest.approx(r["otsu"])
+    assert r["hist_total"] == r["n_both"] > 0
+
+
+def test_similarity_search(local_mode):
+    r = run_notebook("04_similarity_search.ipynb")
+    assert r["error"] is None and r["n_matches"] == 15 and r["markers"] == 16
+    assert r["query_similarity"] == pytest.approx(1.0, abs=1e-5) and r["best"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_fewshot_landcover(local_mode):
+    r = run_notebook("05_fewshot_landcover.ipynb")
+    assert r["tool_error"] is None and r["has_layer"] and r["predicted_valid"]
+    assert len(r["names"]) >= 2 and all(not n.isdigit() for n in r["names"])
+    assert r["n_train"] > 50 and r["accuracy"] is not None
+
+
+def test_default_mode_is_planetary_computer_with_released_weights(monkeypatch):
+    from terrafm.viz.notebook import notebook_mode, open_notebook_area
+
+    monkeypatch.delenv("TERRAFM_NOTEBOOK_MODE", raising=False)
+    cfg = open_notebook_area("quickstart")
+    assert notebook_mode() == "planetary-computer" and not cfg.local
+    assert cfg.stac["catalog"] == "planetary-computer" and cfg.embed["weights"] == "hf"
+    assert cfg.embed["model"] == "terrafm_base" and cfg.toolbar
+    monkeypatch.setenv("TERRAFM_NOTEBOOK_MODE", "offline")
+    with pytest.raises(ValueError, match="use 'local'"):
+        notebook_mode()
