@@ -79,8 +79,9 @@ class ChangeExplorer(MapApp):
         a, b = self.pair or (0, 0)
         self.date_a_picker = ipywidgets.Dropdown(options=options, value=a, description="before")
         self.date_b_picker = ipywidgets.Dropdown(options=options, value=b, description="after")
-        self.threshold_slider = ipywidgets.FloatSlider(value=self.threshold or 0.0, min=0.0, max=2.0, step=0.005,
-                                                       readout_format=".3f", description="threshold",
+        top = self._slider_max()
+        self.threshold_slider = ipywidgets.FloatSlider(value=min(self.threshold or 0.0, top), min=0.0, max=top,
+                                                       step=top / 400, readout_format=".4f", description="threshold",
                                                        continuous_update=False)
         self.otsu_button = ipywidgets.Button(description="Otsu threshold")
         self.date_a_picker.observe(self._on_pickers, names="value")
@@ -113,7 +114,7 @@ class ChangeExplorer(MapApp):
     def _on_slider(self, change: dict) -> None:
         if self._syncing:
             return
-        if self.threshold is None or abs(change["new"] - self.threshold) > 1e-9:
+        if self.threshold is None or abs(change["new"] - self.threshold) > 1e-12:
             self.set_threshold(change["new"])
 
     @guarded
@@ -186,8 +187,22 @@ class ChangeExplorer(MapApp):
         finally:
             self._syncing = False
 
+    def _slider_max(self) -> float:
+        """Slider range: up to just above the largest distance of the pair (at most 2), so an
+        untrained or very stable pair with distances ~0.01 still gets a usable slider."""
+        if self.histogram is None:
+            return 2.0
+        largest = float(self.histogram[1][-1])
+        return float(min(2.0, max(largest * 1.05, 1e-4)))
+
     def _sync_widget_values(self) -> None:
-        self.threshold_slider.value = self.threshold
+        top = self._slider_max()
+        if self.threshold_slider.max != top:
+            if top < self.threshold_slider.min:
+                self.threshold_slider.min = 0.0
+            self.threshold_slider.max = top
+            self.threshold_slider.step = top / 400
+        self.threshold_slider.value = min(self.threshold, top)
         counts, edges = self.histogram
         with self.hist_bars.hold_sync():
             self.hist_bars.x = (edges[:-1] + edges[1:]) / 2

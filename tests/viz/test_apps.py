@@ -102,11 +102,15 @@ def test_change_explorer_finds_the_swapped_block(series):
     # the opaque share of the overlay tracks the changed share of the grid (36 of 320 cells)
     assert (layer.overlay.rgba[..., 3] > 0).mean() == pytest.approx(36 / 320, abs=0.03)
     assert get_layer(app.map, "change distance").overlay.legend["type"] == "colorbar"
-    # moving the slider (as the widget does) re-thresholds; 2.0 is the maximum cosine distance
-    app.threshold_slider.value = 2.0
-    assert app.threshold == 2.0 and np.nansum(app.result["changed"].values) == 0
+    # the slider spans just past the largest distance; moving it to the end re-thresholds to "nothing changed"
+    largest = float(np.nanmax(app.result["distance"].values))
+    assert largest < app.threshold_slider.max <= min(2.0, largest * 1.06)
+    app.threshold_slider.value = app.threshold_slider.max
+    assert app.threshold == app.threshold_slider.max and np.nansum(app.result["changed"].values) == 0
     assert (get_layer(app.map, "changed").overlay.rgba[..., 3] == 0).all()
-    assert list(app.hist_threshold.x) == [2.0, 2.0]
+    assert list(app.hist_threshold.x) == [app.threshold] * 2
+    app.threshold_slider.value = 0.5 * largest  # halfway: the swapped block (distance ~1) is above it
+    np.testing.assert_array_equal(app.result["changed"].values == 1, truth)
     app.otsu_button.click()
     np.testing.assert_array_equal(app.result["changed"].values == 1, truth)
 

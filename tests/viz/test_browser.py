@@ -1,0 +1,164 @@
+"""The quickstart and change notebooks served by Voila (live kernel, local widget bundles) and
+opened in Debian's headless Chromium through Playwright: the map is not blank, the embedding
+overlay is there, and a slider moved in the page redraws the change layer in the kernel.
+
+Set TERRAFM_UPDATE_SCREENSHOTS=1 to copy the screenshots to docs/ (they are shown in README).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = Path(os.environ.get("TERRAFM_CHROMIUM", "/usr/bin/chromium"))
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory):
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's browser with `apt-get install -y chromium` "
+                    "(.ci/run does); Playwright's own download is not used")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium")), executable_path=str(CHROMIUM), headless=True, args=ARGS,
+            viewport={"width": 1200, "height": 1100})
+        yield context
+        context.close()
+
+
+class Voila:
+    """``voila notebook.ipynb`` on 127.0.0.1 with isolated Jupyter dirs; stopped by its PID."""
+
+    def __init__(self, notebook: Path, env: dict, workdir: Path):
+        self.port = _free_port()
+        home = workdir / "home"
+        for sub in ("config", "data", "runtime"):
+            (home / sub).mkdir(parents=True, exist_ok=True)
+        env = {**env, "HOME": str(home), "JUPYTER_CONFIG_DIR": str(home / "config"),
+               "JUPYTER_DATA_DIR": str(home / "data"), "JUPYTER_RUNTIME_DIR": str(home / "runtime")}
+        self.log = open(workdir / "voila.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "voila", "--no-browser", f"--port={self.port}", "--Voila.ip=127.0.0.1",
+             "--VoilaConfiguration.file_allowlist=['.*']", notebook.name],
+            cwd=notebook.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait for the port; a GET of / would start a kernel
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"voila exited: {(workdir / 'voila.log').read_text()[-2000:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            time.sleep(0.2)
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def voila_env(stac_api_url):
+    env = dict(os.environ)
+    env.update(TERRAFM_NOTEBOOK_MODE="local", TERRAFM_STAC_URL=stac_api_url)
+    return env
+
+
+def coloured_pixels(png: bytes) -> int:
+    """Pixels far from grey (max - min channel > 40): overlay colours, not an empty tile grid."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(((rgb.max(-1) - rgb.min(-1)) > 40).sum())
+
+
+def _open(context, voila: Voila, timeout_ms: int = 90_000):
+    page = context.new_page()
+    page.goto(voila.url, timeout=timeout_ms)
+    page.wait_for_selector("img.leaflet-image-layer", timeout=timeout_ms)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img.leaflet-image-layer')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=timeout_ms)
+    page.wait_for_timeout(500)
+    return page
+
+
+def _save(page, element, name: str, tmp_path: Path) -> bytes:
+    """Screenshot of the map (returned) and of the whole app around it (saved, docs/ on request)."""
+    shot = element.screenshot()
+    app = element.evaluate_handle("e => e.closest('.widget-vbox') || e").as_element()
+    (tmp_path / f"{name}.png").write_bytes(app.screenshot())
+    if os.environ.get("TERRAFM_UPDATE_SCREENSHOTS"):
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copy(tmp_path / f"{name}.png", REPO / "docs" / f"{name}.png")
+    return shot
+
+
+def test_quickstart_map_renders_with_the_embedding_layer(browser_context, voila_env, tmp_path):
+    voila = Voila(REPO / "notebooks" / "01_quickstart.ipynb", voila_env, tmp_path)
+    try:
+        page = _open(browser_context, voila)
+        maps = page.query_selector_all(".leaflet-container")
+        assert len(maps) == 1
+        images = page.query_selector_all("img.leaflet-image-layer")
+        assert len(images) == 1 and images[0].get_attribute("src").startswith("data:image/png;base64,")
+        assert page.query_selector(".terrafm-legend") is None  # an RGB layer has no legend
+        box = maps[0].bounding_box()
+        assert box["width"] > 300 and box["height"] > 300
+        shot = _save(page, maps[0], "quickstart_map", tmp_path)
+        assert coloured_pixels(shot) > 20_000, "the map area is blank"
+        assert "Traceback" not in page.content()
+    finally:
+        voila.stop()
+
+
+def test_change_explorer_in_the_browser(browser_context, voila_env, tmp_path):
+    voila = Voila(REPO / "notebooks" / "03_change_detection.ipynb", voila_env, tmp_path)
+    try:
+        page = _open(browser_context, voila)
+        maps = page.query_selector_all(".leaflet-container")
+        assert len(maps) == 1
+        assert len(page.query_selector_all("img.leaflet-image-layer")) == 2  # distance + changed
+        assert page.query_selector(".terrafm-colorbar") is not None
+        assert page.query_selector(".terrafm-error") is None
+        shot = _save(page, maps[0], "change_explorer", tmp_path)
+        assert coloured_pixels(shot) > 20_000, "the map area is blank"
+        # move the threshold slider to its maximum with the keyboard: the kernel re-thresholds and the
+        # 'changed' overlay (the last image layer) gets a new picture
+        before = page.query_selector_all("img.leaflet-image-layer")[-1].get_attribute("src")
+        handle = page.query_selector(".widget-slider .noUi-handle")
+        handle.focus()
+        page.keyboard.press("End")
+        page.wait_for_function(
+            "(old) => { const imgs = document.querySelectorAll('img.leaflet-image-layer');"
+            " return imgs.length && imgs[imgs.length - 1].getAttribute('src') !== old; }",
+            arg=before, timeout=30_000)
+        text = page.inner_text(".terrafm-message")
+        assert "0.0% of valid positions changed" in text, text
+    finally:
+        voila.stop()
