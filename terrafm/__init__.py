@@ -36,6 +36,7 @@ _LAZY: dict[str, str] = {
     "fit_classifier": "terrafm.analysis",
     "knn": "terrafm.evaluate",
     "embed": "terrafm.embed",
+    "add_embedding_layer": "terrafm.viz",
 }
 
 _SUBMODULES = {"model", "stac", "prepare", "tiling", "engine", "analysis", "viz", "evaluate", "cli"}
