@@ -61,8 +61,7 @@ def notebook_mode() -> str:
 
     Examples
     --------
-    >>> import os; os.environ.pop("TERRAFM_NOTEBOOK_MODE", None) and None
-    >>> notebook_mode()
+    >>> notebook_mode()  # doctest: +SKIP  (with TERRAFM_NOTEBOOK_MODE unset)
     'planetary-computer'
     """
     mode = os.environ.get(MODE_VARIABLE, "planetary-computer").strip().lower() or "planetary-computer"
