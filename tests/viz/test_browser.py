@@ -155,10 +155,11 @@ def test_change_explorer_in_the_browser(browser_context, voila_env, tmp_path):
         handle.focus()
         page.keyboard.press("End")
         page.wait_for_function(
-            "(old) => { const imgs = document.querySelectorAll('img.leaflet-image-layer');"
-            " return imgs.length && imgs[imgs.length - 1].getAttribute('src') !== old; }",
-            arg=before, timeout=30_000)
-        text = page.inner_text(".terrafm-message")
-        assert "0.0% of valid positions changed" in text, text
+            "() => { const m = document.querySelector('.terrafm-message');"
+            " return m && m.innerText.includes('0.0% of valid positions changed'); }", timeout=30_000)
+        readout = page.inner_text(".widget-slider .widget-readout")
+        after = page.query_selector_all("img.leaflet-image-layer")[-1].get_attribute("src")
+        assert after != before, "the changed layer was not redrawn"
+        assert float(readout) > 0
     finally:
         voila.stop()
