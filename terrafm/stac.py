@@ -518,14 +518,24 @@ def save(ds: xr.Dataset, path: str | os.PathLike, **to_zarr_kwargs: Any) -> Path
     --------
     >>> save(ds, "aoi.zarr")                                                  # doctest: +SKIP
     """
+    import dask
+    from concurrent.futures import ThreadPoolExecutor
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    # Our own pool, so that after a failed task we can wait for the chunks still being written
+    # before removing the temporary store (dask re-raises at once and leaves its workers running).
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     try:
-        ds.to_zarr(tmp, mode="w", **to_zarr_kwargs)
+        with dask.config.set(pool=pool):
+            ds.to_zarr(tmp, mode="w", **to_zarr_kwargs)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
     except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        pool.shutdown(wait=True)
     return path
