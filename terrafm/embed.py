@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import xarray as xr
 
-from . import sensors
+from . import prepare, sensors
 from .sensors import PATCH_SIZE
 
 __all__ = ["embed", "prepare_inputs"]
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 STORE_VAR = "embedding_vectors"
 """Name of the embedding array inside the zarr (a variable named like its dim would be an index)."""
 
-NORMALIZATION = "x' = (x - (mu - 2 sigma)) / (4 sigma); S1 linear power -> dB first (TerraTorch PR #947)"
+NORMALIZATION = f"x' = {sensors.NORMALIZATION_FORMULA}; S1 linear power -> dB first (TerraTorch PR #947)"
 
 
 # ---------------------------------------------------------------------- inputs
@@ -78,68 +78,28 @@ def prepare_inputs(ds: xr.Dataset, modalities: Sequence[str] | None = None,
     (['s1'], False)
     """
     has_time = "time" in ds.dims
-    found: dict[str, tuple[xr.DataArray, xr.DataArray]] = {}
-    for key in sensors.MODALITY_KEYS:
-        if key in ds.data_vars and f"band_{key}" in ds[key].dims:
-            data = ds[key].transpose(*(("time",) if has_time else ()), f"band_{key}", "y", "x")
-            if data.sizes[f"band_{key}"] != sensors.MODALITIES[key].n_bands:
-                raise ValueError(f"{key}: {data.sizes[f'band_{key}']} bands, TerraFM needs "
-                                 f"{list(sensors.MODALITIES[key].bands)}")
-            mask = ds[f"mask_{key}"] if f"mask_{key}" in ds else xr.ones_like(data.isel({f"band_{key}": 0}), bool)
-            found[key] = (data.astype("float32"), mask)
-    if not found:
-        found = _normalize_raw(ds, has_time)
+    already = [k for k in sensors.MODALITY_KEYS if k in ds.data_vars and f"band_{k}" in ds[k].dims]
+    present = already or prepare.detect_modalities(ds)
     if modalities is not None:
         unknown = [m for m in modalities if m not in sensors.MODALITY_KEYS]
         if unknown:
             raise ValueError(f"unknown modalities {unknown}; choose from {list(sensors.MODALITY_KEYS)}")
-        missing = [m for m in modalities if m not in found]
+        missing = [m for m in modalities if m not in present]
         if missing:
             raise ValueError(f"modalities {missing} requested but not in the Dataset (it has "
-                             f"{list(found)}); drop them from modalities= or load them")
-        found = {k: v for k, v in found.items() if k in modalities}
-    if not found:
-        raise ValueError(
-            "no modality found in the Dataset: it needs Sentinel-2 bands named "
-            f"{list(sensors.S2_BANDS)} (attr modality='s2_l2a' or 's2_l1c') and/or Sentinel-1 "
-            f"'vv', 'vh' (attr modality='s1'); it has {list(ds.data_vars)}. Load it with "
-            "terrafm.stac.load or rename the variables")
+                             f"{present}); drop them from modalities= or load them")
+    if not already:
+        ds = prepare.normalize(ds, modalities=modalities)
+        already = [k for k in sensors.MODALITY_KEYS if k in ds.data_vars]
+    found: dict[str, tuple[xr.DataArray, xr.DataArray]] = {}
+    for key in already if modalities is None else [k for k in already if k in modalities]:
+        data = ds[key].transpose(*(("time",) if has_time else ()), f"band_{key}", "y", "x")
+        if data.sizes[f"band_{key}"] != sensors.MODALITIES[key].n_bands:
+            raise ValueError(f"{key}: {data.sizes[f'band_{key}']} bands, TerraFM needs "
+                             f"{list(sensors.MODALITIES[key].bands)}")
+        mask = ds[f"mask_{key}"] if f"mask_{key}" in ds else xr.ones_like(data.isel({f"band_{key}": 0}), bool)
+        found[key] = (data.astype("float32"), mask)
     return found, has_time
-
-
-def _normalize_raw(ds: xr.Dataset, has_time: bool) -> dict[str, tuple[xr.DataArray, xr.DataArray]]:
-    groups: dict[str, list[str]] = {}
-    for name, var in ds.data_vars.items():
-        key = var.attrs.get("modality")
-        if key is None:
-            if name in sensors.S1_BANDS:
-                key = "s1"
-            elif name in sensors.S2_BANDS:
-                key = "s2_l2a"
-        if key in sensors.MODALITY_KEYS and not str(name).startswith("mask_"):
-            groups.setdefault(key, []).append(str(name))
-    out = {}
-    for key, names in groups.items():
-        spec = sensors.MODALITIES[key]
-        wrong = [n for n in names if n not in spec.bands]
-        missing = [b for b in spec.bands if b not in names]
-        if wrong or missing:
-            raise ValueError(f"{key}: bands {names} do not match TerraFM's {list(spec.bands)} "
-                             f"(unexpected {wrong}, missing {missing}); rename/select the bands, or "
-                             "fill absent ones with terrafm.sensors.fill_missing_bands")
-        stack = xr.concat([ds[b].astype("float32") for b in spec.bands], dim=f"band_{key}")
-        stack = stack.assign_coords({f"band_{key}": list(spec.bands)})
-        nodata = sensors.S1_NODATA if key == "s1" else sensors.S2_NODATA
-        ok = (np.isfinite(stack) & (stack != nodata)).all(f"band_{key}")
-        if key == "s1":
-            ok = ok & (stack > 0).all(f"band_{key}")
-        if f"mask_{key}" in ds:
-            ok = ok & ds[f"mask_{key}"].astype(bool)
-        norm = xr.apply_ufunc(lambda a: sensors.normalize(a, key, channel_axis=-3).astype("float32"),
-                              stack.transpose(*(("time",) if has_time else ()), f"band_{key}", "y", "x"),
-                              dask="allowed")
-        out[key] = (norm, ok.transpose(*(("time",) if has_time else ()), "y", "x"))
-    return out
 
 
 # ---------------------------------------------------------------------- model

@@ -33,16 +33,13 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from .prepare import FILL_VALUE
 from .sensors import PATCH_SIZE
 from .tiling import Chip, ChipGrid
 
 __all__ = ["Engine", "Block", "BlockResult", "plan_blocks"]
 
 logger = logging.getLogger(__name__)
-
-FILL_VALUE = 0.5
-"""Normalized value given to padded and invalid pixels (the band mean)."""
-
 
 @dataclass(frozen=True)
 class Block:

@@ -24,7 +24,7 @@ from . import sensors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["solar_day", "pair_nearest", "composite", "normalize", "FILL_VALUE"]
+__all__ = ["solar_day", "pair_nearest", "composite", "detect_modalities", "normalize", "FILL_VALUE"]
 
 FILL_VALUE = 0.5
 """Normalized value written where a pixel is invalid (the band mean)."""
@@ -157,46 +157,102 @@ def composite(ds: xr.Dataset, freq: str | Sequence = "month") -> xr.Dataset:
     return out
 
 
-def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset: str = "raw") -> xr.Dataset:
-    """Model-ready arrays: per modality a float32 ``(time, band_<key>, y, x)`` variable.
+def detect_modalities(ds: xr.Dataset) -> list[str]:
+    """Modality keys present in a Dataset of stored bands, in :data:`terrafm.sensors.MODALITY_KEYS` order.
 
-    Values follow :func:`terrafm.sensors.normalize` (S1 in dB first); invalid pixels (mask False)
-    are set to ``0.5``. ``s2_offset="harmonize"`` subtracts the DN offset recorded in the
-    ``s2_offset`` coordinate (baseline 04.00+) before normalizing; ``"raw"`` (default, the DN the
-    statistics were computed on) uses stored values.
+    Read from ``ds.attrs["terrafm_modalities"]`` (set by :func:`terrafm.stac.load`), else from
+    each band's ``modality`` attribute, else from the band names (``B01``… → ``s2_l2a``,
+    ``vv``/``vh`` → ``s1``).
 
     Examples
     --------
-    >>> x = normalize(ds)                                                     # doctest: +SKIP
-    >>> x.s2_l2a.dims  # doctest: +SKIP
-    ('time', 'band_s2_l2a', 'y', 'x')
+    >>> ds = xr.Dataset({"vv": ("x", [0.1]), "vh": ("x", [0.01])})
+    >>> detect_modalities(ds)
+    ['s1']
+    """
+    if ds.attrs.get("terrafm_modalities"):
+        return list(ds.attrs["terrafm_modalities"])
+    found = set()
+    for name, var in ds.data_vars.items():
+        key = var.attrs.get("modality")
+        if key is None:
+            key = "s1" if name in sensors.S1_BANDS else "s2_l2a" if name in sensors.S2_BANDS else None
+        if key in sensors.MODALITY_KEYS and not str(name).startswith("mask_"):
+            found.add(key)
+    return [k for k in sensors.MODALITY_KEYS if k in found]
+
+
+def _check_band_names(ds: xr.Dataset, modality: str) -> list[str]:
+    bands = _bands(modality)
+    tagged = [str(n) for n, v in ds.data_vars.items() if v.attrs.get("modality") == modality]
+    wrong = [n for n in tagged if n not in bands]
+    missing = [b for b in bands if b not in ds]
+    if wrong or missing:
+        have = sorted(set(tagged) | {b for b in bands if b in ds})
+        raise ValueError(f"{modality}: bands {have} do not match TerraFM's {bands} "
+                         f"(unexpected {wrong}, missing {missing}); rename or select the bands, "
+                         "or fill absent ones with terrafm.sensors.fill_missing_bands")
+    return bands
+
+
+def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset: str = "raw") -> xr.Dataset:
+    """Model-ready arrays: per modality a float32 ``([time,] band_<key>, y, x)`` variable, lazily.
+
+    Values follow :func:`terrafm.sensors.normalize` (S1 in dB first). A pixel is valid when every
+    band is finite and not nodata (S2 DN 0; S1 0 or negative) and, when the Dataset has one, its
+    ``mask_<key>`` is True; invalid pixels are set to :data:`FILL_VALUE` and the combined mask is
+    returned as ``mask_<key>``. ``s2_offset="harmonize"`` subtracts the DN offset recorded in the
+    ``s2_offset`` coordinate (baseline 04.00+) before normalizing; ``"raw"`` (default, the DN the
+    statistics were computed on) uses stored values.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Stored bands (``B01``…``B12`` and/or ``vv``, ``vh``) on dims ``([time,] y, x)``, e.g. from
+        :func:`terrafm.stac.load`.
+    modalities : sequence of str, optional
+        Modality keys to keep; default: every modality found (:func:`detect_modalities`).
+    s2_offset : {"raw", "harmonize"}
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ds = xr.Dataset({"vv": (("y", "x"), [[0.1, 0.0]]), "vh": (("y", "x"), [[0.01, 0.02]])})
+    >>> x = normalize(ds)
+    >>> x.s1.dims, x.mask_s1.values.tolist()
+    (('band_s1', 'y', 'x'), [[True, False]])
     """
     if s2_offset not in ("raw", "harmonize"):
         raise ValueError(f"s2_offset must be 'raw' or 'harmonize', got {s2_offset!r}")
-    mods = modalities or ds.attrs.get("terrafm_modalities") or [m for m in sensors.MODALITY_KEYS if f"mask_{m}" in ds]
+    mods = list(modalities) if modalities is not None else detect_modalities(ds)
+    unknown = [m for m in mods if m not in sensors.MODALITY_KEYS]
+    if unknown:
+        raise ValueError(f"unknown modalities {unknown}; choose from {list(sensors.MODALITY_KEYS)}")
+    if not mods:
+        raise ValueError(
+            "no modality found in the Dataset: it needs Sentinel-2 bands named "
+            f"{list(sensors.S2_BANDS)} (attr modality='s2_l2a' or 's2_l1c') and/or Sentinel-1 "
+            f"'vv', 'vh' (attr modality='s1'); it has {list(ds.data_vars)}. Load it with "
+            "terrafm.stac.load or rename the variables")
     out = xr.Dataset(coords={k: v for k, v in ds.coords.items() if k != "s2_offset"})
     for m in mods:
-        bands = _bands(m)
-        missing = [b for b in bands if b not in ds]
-        if missing:
-            raise ValueError(f"{m}: bands {missing} are missing from the Dataset; load them or use "
-                             "terrafm.sensors.fill_missing_bands")
-        stack = xr.concat([ds[b].astype("float32") for b in bands], dim=f"band_{m}").assign_coords({f"band_{m}": bands})
-        if "time" in stack.dims:
-            stack = stack.transpose("time", f"band_{m}", ...)
+        bands = _check_band_names(ds, m)
+        band_dim = f"band_{m}"
+        stack = xr.concat([ds[b].astype("float32") for b in bands], dim=band_dim).assign_coords({band_dim: bands})
+        stack = stack.transpose(*(("time",) if "time" in stack.dims else ()), band_dim, "y", "x")
         if m.startswith("s2") and s2_offset == "harmonize" and "s2_offset" in ds.coords:
             stack = (stack - ds.s2_offset.astype("float32")).clip(min=0)
-        spec = sensors.get_modality(m)
-        mean_da = xr.DataArray(np.asarray(spec.mean, dtype="float32"), dims=f"band_{m}")
-        std_da = xr.DataArray(np.asarray(spec.std, dtype="float32"), dims=f"band_{m}")
-        vals = stack
-        if spec.to_db:
-            vals = 10.0 * np.log10(np.maximum(vals, 1e-10))
-        norm = ((vals - (mean_da - 2 * std_da)) / (4 * std_da)).astype("float32").transpose(*stack.dims)
-        mask = ds[f"mask_{m}"].astype(bool)
-        norm = norm.where(mask & np.isfinite(norm), FILL_VALUE).astype("float32")
-        norm.attrs = {"modality": m, "normalization": "(x - (mu - 2 sigma)) / (4 sigma)" + (", x in dB" if spec.to_db else "")}
+        nodata = sensors.S1_NODATA if m == "s1" else sensors.S2_NODATA
+        valid = (np.isfinite(stack) & (stack != nodata)).all(band_dim)
+        if m == "s1":
+            valid = valid & (stack > 0).all(band_dim)
+        if f"mask_{m}" in ds:
+            valid = valid & ds[f"mask_{m}"].astype(bool)
+        norm = xr.apply_ufunc(lambda a, key=m: sensors.normalize(a, key, channel_axis=-3).astype("float32"),
+                              stack, dask="allowed", keep_attrs=False)
+        norm = norm.where(valid, np.float32(FILL_VALUE)).astype("float32")
+        norm.attrs = {"modality": m, "normalization": sensors.NORMALIZATION_FORMULA + (", x in dB" if m == "s1" else "")}
         out[m] = norm
-        out[f"mask_{m}"] = mask
+        out[f"mask_{m}"] = valid
     out.attrs = dict(ds.attrs, terrafm_modalities=list(mods), s2_offset_normalization=s2_offset)
     return out

@@ -37,6 +37,7 @@ __all__ = [
     "PATCH_SIZE",
     "S2_NODATA",
     "S1_NODATA",
+    "NORMALIZATION_FORMULA",
     "S2_BASELINE_OFFSET",
     "S2_OFFSET_BASELINE",
     "S2_OFFSET_START",
@@ -61,6 +62,9 @@ S1_BANDS: tuple[str, ...] = ("vv", "vh")
 
 S2_NODATA = 0
 S1_NODATA = -32768.0
+
+NORMALIZATION_FORMULA = "(x - (mu - 2 sigma)) / (4 sigma)"
+"""What :func:`normalize` computes (recorded in attrs of normalized arrays and embeddings)."""
 
 S2_BASELINE_OFFSET = 1000
 """DN offset added to Sentinel-2 products of processing baseline 04.00 and later."""

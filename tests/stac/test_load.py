@@ -105,7 +105,12 @@ def test_normalize_contract(loaded):
     assert not np.isnan(x.s2_l2a.values).any() and not np.isnan(x.s1.values).any()
     raw = np.stack([loaded[b].values for b in sensors.S2_BANDS], axis=1).astype("float64")
     ref = sensors.normalize(raw, "s2_l2a", channel_axis=1)
-    valid = loaded.mask_s2_l2a.values[:, None].repeat(12, 1)
+    # valid = the SCL mask and no band at nodata (DN 0): the scene has a few pixels where SCL is
+    # valid but a band is 0
+    expected_valid = loaded.mask_s2_l2a.values & (raw != 0).all(axis=1)
+    assert (expected_valid != loaded.mask_s2_l2a.values).any()
+    np.testing.assert_array_equal(x.mask_s2_l2a.values, expected_valid)
+    valid = expected_valid[:, None].repeat(12, 1)
     np.testing.assert_allclose(x.s2_l2a.values[valid], ref[valid], rtol=1e-5)
     assert np.all(x.s2_l2a.values[~valid] == 0.5)
     vv = loaded.vv.values.astype("float64")
