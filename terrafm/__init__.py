@@ -36,10 +36,11 @@ _LAZY: dict[str, str] = {
     "fit_classifier": "terrafm.analysis",
     "knn": "terrafm.evaluate",
     "embed": "terrafm.embed",
+    "open_embedding": "terrafm.store",
     "add_embedding_layer": "terrafm.viz",
 }
 
-_SUBMODULES = {"model", "stac", "prepare", "tiling", "engine", "analysis", "viz", "evaluate", "cli"}
+_SUBMODULES = {"model", "stac", "prepare", "tiling", "engine", "analysis", "viz", "evaluate", "cli", "store"}
 
 
 def __getattr__(name: str) -> Any:

@@ -27,14 +27,12 @@ import numpy as np
 import xarray as xr
 
 from . import prepare, sensors
+from .store import EMBEDDING_VAR, open_embedding, serialisable_attrs
 from .sensors import PATCH_SIZE
 
 __all__ = ["embed", "prepare_inputs"]
 
 logger = logging.getLogger(__name__)
-
-STORE_VAR = "embedding_vectors"
-"""Name of the embedding array inside the zarr (a variable named like its dim would be an index)."""
 
 NORMALIZATION = f"x' = {sensors.NORMALIZATION_FORMULA}; S1 linear power -> dB first (TerraTorch PR #947)"
 
@@ -149,7 +147,7 @@ def _template(coords_y, coords_x, times, has_time, d, blocks_shape, keys, chunks
     if has_time:
         coords["time"] = times
     ds = xr.Dataset(coords=coords)
-    ds[STORE_VAR] = (ldims + ("y", "x", "embedding"),
+    ds[EMBEDDING_VAR] = (ldims + ("y", "x", "embedding"),
                      da.full(shape + (d,), np.nan, dtype="float32", chunks=lchunk + chunks + (d,)))
     ds["valid"] = (ldims + ("y", "x"), da.zeros(shape, dtype=bool, chunks=lchunk + chunks))
     for k in keys:
@@ -187,7 +185,7 @@ def _write_block(out, result, t_index, keys) -> None:
     group = zarr.open_group(str(out), mode="r+")
     b = result.block
     lead = (t_index,) if t_index is not None else ()
-    group[STORE_VAR][lead + (b.out_y, b.out_x, slice(None))] = result.embedding
+    group[EMBEDDING_VAR][lead + (b.out_y, b.out_x, slice(None))] = result.embedding
     group["valid"][lead + (b.out_y, b.out_x)] = result.valid
     for k in keys:
         group[f"valid_{k}"][lead + (b.out_y, b.out_x)] = result.modality_valid[k]
@@ -284,6 +282,9 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     n_t = len(times) if has_time else 1
     steps = [(t, b) for t in range(n_t) for b in blocks]
 
+    attrs = {"model": fp["model"], "checkpoint_sha256": fp["checkpoint_sha256"] or "",
+             "modalities": keys, "normalization": NORMALIZATION, "terrafm_version": __version__,
+             "level": level, "chip_size": int(chip_size), "overlap": int(margin)}
     store_done = None
     if out is not None:
         out = Path(out)
@@ -301,6 +302,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
             tmpl = _template(coords["y"].values, coords["x"].values, times, has_time, d, blocks_shape,
                              keys, chunks, coords["spatial_ref"])
             tmpl.attrs["terrafm_run"] = json.dumps(fp)
+            tmpl[EMBEDDING_VAR].attrs = serialisable_attrs(attrs)
             tmpl.to_zarr(out, compute=False, consolidated=False, mode="w-")
         import zarr
 
@@ -359,13 +361,8 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     finally:
         bar.close()
 
-    attrs = {"model": fp["model"], "checkpoint_sha256": fp["checkpoint_sha256"] or "",
-             "modalities": keys, "normalization": NORMALIZATION, "terrafm_version": __version__,
-             "level": level, "chip_size": int(chip_size), "overlap": int(margin)}
     if out is not None:
-        stored = xr.open_zarr(out, consolidated=False)
-        result = stored[STORE_VAR].assign_coords(
-            valid=stored["valid"], **{f"valid_{k}": stored[f"valid_{k}"] for k in keys})
+        result = open_embedding(out)
     else:
         lead = ("time",) if has_time else ()
         sq = (lambda a: a) if has_time else (lambda a: a[0])

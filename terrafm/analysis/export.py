@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from ..store import embedding_to_dataset, serialisable_attrs
 from ._grid import EMBEDDING_DIM, flatten_valid
-
-
-def _serialisable_attrs(attrs: dict) -> dict:
-    out = {}
-    for key, value in attrs.items():
-        if isinstance(value, (str, int, float, bool, np.integer, np.floating)):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
-            out[key] = json.dumps(list(value))
-    return out
 
 
 def to_cog(da: xr.DataArray, path: str | Path, nodata: float = np.nan) -> Path:
@@ -37,33 +27,35 @@ def to_cog(da: xr.DataArray, path: str | Path, nodata: float = np.nan) -> Path:
         raise ValueError(f"too many dims {da.dims} for a GeoTIFF; keep y, x and at most one band dim")
     arr = da.transpose(*other, "y", "x") if other else da
     arr = arr.astype("float32").rio.write_nodata(nodata, encoded=False)
-    arr.attrs = _serialisable_attrs(arr.attrs)
+    arr.attrs = serialisable_attrs(arr.attrs)
     path = Path(path)
     arr.rio.to_raster(path, driver="COG", compress="DEFLATE")
     return path
 
 
 def to_zarr(obj: xr.DataArray | xr.Dataset, path: str | Path, mode: str = "w") -> Path:
-    """Write to zarr keeping ``spatial_ref`` (CRS + transform) so ``xr.open_zarr`` re-reads a georeferenced array.
+    """Write to zarr keeping ``spatial_ref`` (CRS + transform) so the result re-opens georeferenced.
 
-    A DataArray is stored under its name, or ``<name>_values`` when the name equals one of its
-    coordinates (the embedding array is called "embedding" like its last dim). Read it back with
-    ``xr.open_zarr(path, decode_coords="all")`` so ``spatial_ref`` is restored as a coordinate.
+    An embedding DataArray (dims ``(..., embedding)``) is stored in the layout of
+    ``terrafm.embed(out=...)``; read it back with :func:`terrafm.open_embedding`. Any other
+    DataArray is stored under its name; read it with ``xr.open_zarr(path, decode_coords="all")``.
 
     Examples
     --------
-    >>> to_zarr(emb, "emb.zarr"); xr.open_zarr("emb.zarr", decode_coords="all").embedding_values.rio.crs  # doctest: +SKIP
+    >>> to_zarr(emb, "emb.zarr"); terrafm.open_embedding("emb.zarr").rio.crs  # doctest: +SKIP
     """
-    if isinstance(obj, xr.DataArray):
+    if isinstance(obj, xr.DataArray) and EMBEDDING_DIM in obj.dims:
+        ds = embedding_to_dataset(obj)
+    elif isinstance(obj, xr.DataArray):
         name = obj.name or "data"
-        if name in obj.coords:  # the contract's "embedding" array shares its name with its last dim
+        if name in obj.coords:
             name = f"{name}_values"
         ds = obj.to_dataset(name=name)
     else:
         ds = obj.copy()
-    ds.attrs = _serialisable_attrs(ds.attrs)
+    ds.attrs = serialisable_attrs(ds.attrs)
     for name in ds.data_vars:
-        ds[name].attrs = _serialisable_attrs(ds[name].attrs)
+        ds[name].attrs = serialisable_attrs(ds[name].attrs)
     path = Path(path)
     ds.to_zarr(path, mode=mode)
     return path

@@ -45,8 +45,9 @@ def test_cog_zarr_geoparquet_roundtrip(three_regions, tmp_path):
     single = rioxarray.open_rasterio(to_cog(ids, tmp_path / "ids.tif")).squeeze("band", drop=True)
     np.testing.assert_array_equal(single.values, ids.values)
 
-    back = xr.open_zarr(to_zarr(emb, tmp_path / "emb.zarr"), decode_coords="all")["embedding_values"]
-    assert back.rio.crs == emb.rio.crs
+    back = terrafm.open_embedding(to_zarr(emb, tmp_path / "emb.zarr"))
+    assert back.name == "embedding" and back.dims == emb.dims and back.rio.crs == emb.rio.crs
+    assert back.attrs == emb.attrs
     assert_georef(back, emb)
     np.testing.assert_array_equal(back["valid"].values, emb["valid"].values)
     np.testing.assert_array_equal(back.values, emb.values)

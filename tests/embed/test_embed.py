@@ -129,6 +129,14 @@ def test_zarr_roundtrip_and_refuses_another_run(tiny_model, tmp_path):
     assert z.odc.geobox == mem.odc.geobox
     again = embed(ds, out=out, **kw)               # everything done: nothing recomputed
     np.testing.assert_array_equal(again.values, mem.values)
+    opened = terrafm.open_embedding(out)           # a later session reads the same contract array
+    assert opened.name == "embedding" and opened.dims == mem.dims and opened.attrs == mem.attrs
+    assert opened.odc.geobox == mem.odc.geobox
+    np.testing.assert_array_equal(opened.values, mem.values)
+    np.testing.assert_array_equal(opened["valid"].values, mem["valid"].values)
+    np.testing.assert_array_equal(opened["valid_s2_l2a"].values, mem["valid_s2_l2a"].values)
+    with pytest.raises(ValueError, match="not a terrafm embedding store"):
+        terrafm.open_embedding(terrafm.stac.save(ds, tmp_path / "bands.zarr"))
     with pytest.raises(ValueError, match="another run.*embed_dim"):
         embed(ds, out=out, **{**kw, "model": create_model("terrafm_tiny", embed_dim=32, num_heads=4)})
     with pytest.raises(ValueError, match="another run.*transform"):

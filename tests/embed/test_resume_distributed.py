@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from terrafm.embed import STORE_VAR, embed
+from terrafm.embed import EMBEDDING_VAR, embed
 
 HERE = Path(__file__).parent
 SCRIPT = """
@@ -52,7 +52,7 @@ def _dataset():
 
 def _arrays(path):
     group = zarr.open_group(str(path), mode="r")
-    return {name: np.asarray(group[name][...]) for name in (STORE_VAR, "valid", "valid_s1", "valid_s2_l2a", "blocks_done")}
+    return {name: np.asarray(group[name][...]) for name in (EMBEDDING_VAR, "valid", "valid_s1", "valid_s2_l2a", "blocks_done")}
 
 
 def test_kill9_then_resume_is_bit_identical(tmp_path):
