@@ -27,6 +27,7 @@ import numpy as np
 import xarray as xr
 
 from . import prepare, sensors
+from .engine import ModalityInput
 from .store import EMBEDDING_VAR, open_embedding, serialisable_attrs
 from .sensors import PATCH_SIZE
 
@@ -53,8 +54,8 @@ def _geobox(ds: xr.Dataset):
 
 
 def prepare_inputs(ds: xr.Dataset, modalities: Sequence[str] | None = None,
-                   ) -> tuple[dict[str, tuple[xr.DataArray, xr.DataArray]], bool]:
-    """Normalized model inputs and validity masks per modality, lazily.
+                   ) -> tuple[dict[str, ModalityInput], bool]:
+    """Model inputs and validity masks per modality, lazily.
 
     Accepts either raw bands (``B01``…``B12`` with attr ``modality``, ``vv``/``vh``, optional
     ``mask_<key>``) or the output of ``terrafm.prepare.normalize`` (variables named by modality
@@ -62,8 +63,9 @@ def prepare_inputs(ds: xr.Dataset, modalities: Sequence[str] | None = None,
 
     Returns
     -------
-    dict key -> (normalized DataArray ([time,] band, y, x), validity DataArray ([time,] y, x)),
-    and whether the input has a time dim.
+    dict key -> :class:`terrafm.engine.ModalityInput` (data ``([time,] band, y, x)``, validity
+    ``([time,] y, x)``; stored bands are flagged ``raw`` and normalized block by block with
+    :func:`terrafm.prepare.normalize_block`), and whether the input has a time dim.
 
     Examples
     --------
@@ -86,17 +88,21 @@ def prepare_inputs(ds: xr.Dataset, modalities: Sequence[str] | None = None,
         if missing:
             raise ValueError(f"modalities {missing} requested but not in the Dataset (it has "
                              f"{present}); drop them from modalities= or load them")
-    if not already:
-        ds = prepare.normalize(ds, modalities=modalities)
-        already = [k for k in sensors.MODALITY_KEYS if k in ds.data_vars]
-    found: dict[str, tuple[xr.DataArray, xr.DataArray]] = {}
-    for key in already if modalities is None else [k for k in already if k in modalities]:
-        data = ds[key].transpose(*(("time",) if has_time else ()), f"band_{key}", "y", "x")
-        if data.sizes[f"band_{key}"] != sensors.MODALITIES[key].n_bands:
-            raise ValueError(f"{key}: {data.sizes[f'band_{key}']} bands, TerraFM needs "
-                             f"{list(sensors.MODALITIES[key].bands)}")
-        mask = ds[f"mask_{key}"] if f"mask_{key}" in ds else xr.ones_like(data.isel({f"band_{key}": 0}), bool)
-        found[key] = (data.astype("float32"), mask)
+    lead = ("time",) if has_time else ()
+    found: dict[str, ModalityInput] = {}
+    for key in [k for k in present if modalities is None or k in modalities]:
+        if already:   # the output of terrafm.prepare.normalize
+            data = ds[key].transpose(*lead, f"band_{key}", "y", "x")
+            if data.sizes[f"band_{key}"] != sensors.MODALITIES[key].n_bands:
+                raise ValueError(f"{key}: {data.sizes[f'band_{key}']} bands, TerraFM needs "
+                                 f"{list(sensors.MODALITIES[key].bands)}")
+            mask = ds[f"mask_{key}"] if f"mask_{key}" in ds else xr.ones_like(data.isel({f"band_{key}": 0}), bool)
+            found[key] = ModalityInput(data, mask.transpose(*lead, "y", "x"))
+        else:         # stored bands: normalized block by block as they are read (prepare.normalize_block)
+            stack, mask = prepare.stack_bands(ds, key)
+            found[key] = ModalityInput(stack, mask.transpose(*lead, "y", "x"), raw=True)
+    if not found:
+        prepare.normalize(ds)  # raises the "no modality found" error, naming the fix
     return found, has_time
 
 
@@ -317,8 +323,10 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         mvalid = {k: np.zeros((n_t,) + out_gbox.shape.yx, bool) for k in keys}
 
     def arrays_at(t):
-        return {k: (a.isel(time=t) if has_time else a, m.isel(time=t) if has_time else m)
-                for k, (a, m) in arrays.items()}
+        if not has_time:
+            return arrays
+        return {k: ModalityInput(*(v.isel(time=t) if isinstance(v, xr.DataArray) and "time" in v.dims else v
+                                   for v in source)) for k, source in arrays.items()}
 
     def collect(t, result):
         if out is not None:

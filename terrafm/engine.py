@@ -18,9 +18,9 @@ Examples
 >>> x = xr.DataArray(np.full((2, 64, 64), 0.5, "float32"), dims=("band_s1", "y", "x"))
 >>> m = xr.DataArray(np.ones((64, 64), bool), dims=("y", "x"))
 >>> eng = Engine(create_model("terrafm_tiny").eval(), device="cpu", batch_size=4)
->>> res = list(eng.run({"s1": (x, m)}, ChipGrid(gbox, 32, 0), level="patch", block_chips=2))
+>>> res = list(eng.run({"s1": (x, m)}, ChipGrid(gbox, 32, 0), level="patch", block_chips=1))
 >>> len(res), res[0].embedding.shape
-(4, (4, 4, 64))
+(4, (2, 2, 64))
 """
 
 from __future__ import annotations
@@ -29,17 +29,33 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from .prepare import FILL_VALUE
-from .sensors import PATCH_SIZE
+from .prepare import FILL_VALUE, normalize_block
+from .sensors import MIN_VALID_FRACTION, PATCH_SIZE
 from .tiling import Chip, ChipGrid
 
-__all__ = ["Engine", "Block", "BlockResult", "plan_blocks"]
+__all__ = ["Engine", "Block", "BlockResult", "ModalityInput", "plan_blocks"]
 
 logger = logging.getLogger(__name__)
+
+class ModalityInput(NamedTuple):
+    """What the engine reads for one modality (a plain ``(data, mask)`` tuple also works).
+
+    ``data`` is ``(C, y, x)`` (numpy, dask or xarray); ``mask`` ``(y, x)`` bool. With ``raw=True``
+    ``data`` holds stored values (S2 DN, S1 linear power) and each block is normalized and masked
+    by :func:`terrafm.prepare.normalize_block` right after it is read (one pass, no full-area
+    intermediates); ``offset`` is the S2 DN offset to subtract then. Otherwise ``data`` is
+    already normalized.
+    """
+
+    data: Any
+    mask: Any
+    raw: bool = False
+    offset: Any = None
+
 
 @dataclass(frozen=True)
 class Block:
@@ -100,19 +116,28 @@ def plan_blocks(grid: ChipGrid, level: str, block_chips: int) -> list[Block]:
     return blocks
 
 
-def _read_window(da, y0: int, x0: int, h: int, w: int, fill, scheduler: str | None) -> np.ndarray:
-    """Read ``da[..., y0:y0+h, x0:x0+w]`` (may lie partly outside), padding with ``fill``."""
-    H, W = da.shape[-2:]
+def _read_windows(arrays: list, y0: int, x0: int, h: int, w: int, fills: list, scheduler: str | None,
+                  ) -> list[np.ndarray]:
+    """Read ``a[..., y0:y0+h, x0:x0+w]`` of each array (may lie partly outside), padding with
+    ``fills``; lazy arrays are computed together so they share their reads."""
+    H, W = arrays[0].shape[-2:]
     ys, ye, xs, xe = max(0, y0), min(H, y0 + h), max(0, x0), min(W, x0 + w)
-    part = da[..., ys:ye, xs:xe]
-    data = getattr(part, "data", part)
-    if hasattr(data, "compute"):
-        data = data.compute(scheduler=scheduler) if scheduler else data.compute()
-    data = np.asarray(data)
-    pad = [(0, 0)] * (data.ndim - 2) + [(ys - y0, y0 + h - ye), (xs - x0, x0 + w - xe)]
-    if any(p != (0, 0) for p in pad):
-        data = np.pad(data, pad, constant_values=fill)
-    return data
+    parts = [getattr(a[..., ys:ye, xs:xe], "data", a[..., ys:ye, xs:xe]) for a in arrays]
+    lazy = [i for i, p in enumerate(parts) if hasattr(p, "compute")]
+    if lazy:
+        import dask
+
+        computed = dask.compute(*[parts[i] for i in lazy], scheduler=scheduler)
+        for i, value in zip(lazy, computed):
+            parts[i] = value
+    out = []
+    for part, fill in zip(parts, fills):
+        data = np.asarray(part)
+        pad = [(0, 0)] * (data.ndim - 2) + [(ys - y0, y0 + h - ye), (xs - x0, x0 + w - xe)]
+        if any(p != (0, 0) for p in pad):
+            data = np.pad(data, pad, constant_values=fill)
+        out.append(data)
+    return out
 
 
 class Engine:
@@ -129,7 +154,8 @@ class Engine:
     precision : str
         ``"auto"`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
     prefetch : int
-        Blocks read ahead by the background thread (bounded queue).
+        Blocks read ahead by the background thread (bounded queue). One is enough when reading a
+        block is faster than running the model on it (the usual case); more only costs memory.
     scheduler : str, optional
         dask scheduler used for reading (None: dask's default).
 
@@ -141,7 +167,7 @@ class Engine:
     """
 
     def __init__(self, model, device: Any = "auto", batch_size: int = 16, precision: str = "auto",
-                 prefetch: int = 2, scheduler: str | None = None) -> None:
+                 prefetch: int = 1, scheduler: str | None = None) -> None:
         import torch
 
         from .model import resolve_device
@@ -162,7 +188,7 @@ class Engine:
                    ) -> tuple[list[Chip], dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Read one block window per modality and cut it into chips.
 
-        ``arrays``: key -> (normalized (C, y, x) array, validity (y, x) bool array).
+        ``arrays``: key -> :class:`ModalityInput` (or a ``(normalized data, mask)`` tuple).
         Returns the chips and, per modality, stacked chips (N, C, s, s) and masks (N, s, s).
         """
         chips = [grid.chip(r, c) for r in block.rows for c in block.cols]
@@ -171,10 +197,19 @@ class Engine:
         w = chips[-1].x0 + grid.chip_size - x0
         images, masks = {}, {}
         s = grid.chip_size
-        for key, (data, mask) in arrays.items():
-            win = _read_window(data, y0, x0, h, w, FILL_VALUE, self.scheduler).astype("float32", copy=False)
-            mwin = _read_window(mask, y0, x0, h, w, False, self.scheduler).astype(bool, copy=False)
-            win = np.where(mwin[None] & np.isfinite(win), win, np.float32(FILL_VALUE))
+        for key, source in arrays.items():
+            source = ModalityInput(*source)
+            data_fill = 0 if source.raw else FILL_VALUE  # padding is masked invalid either way
+            win, mwin = _read_windows([source.data, source.mask], y0, x0, h, w, [data_fill, False],
+                                      self.scheduler)
+            mwin = mwin.astype(bool, copy=False)
+            if source.raw:
+                offset = None if source.offset is None else np.asarray(source.offset)
+                win, mwin = normalize_block(win, key, mwin, offset)
+            else:
+                win = win.astype("float32", copy=False)
+                mwin = mwin & np.isfinite(win).all(axis=0)
+                win = np.where(mwin[None], win, np.float32(FILL_VALUE))
             images[key] = np.stack([win[:, c.y0 - y0:c.y0 - y0 + s, c.x0 - x0:c.x0 - x0 + s] for c in chips])
             masks[key] = np.stack([mwin[c.y0 - y0:c.y0 - y0 + s, c.x0 - x0:c.x0 - x0 + s] for c in chips])
         return chips, images, masks
@@ -222,7 +257,7 @@ class Engine:
             sl = slice(start, start + self.batch_size)
             cls, patch, pvalid = self.forward({k: v[sl] for k, v in images.items()},
                                               {k: v[sl] for k, v in masks.items()})
-            patch_masks = {k: v[sl].reshape(-1, g, PATCH_SIZE, g, PATCH_SIZE).any(axis=(2, 4))
+            patch_masks = {k: v[sl].reshape(-1, g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)) >= MIN_VALID_FRACTION
                            for k, v in masks.items()}
             for i, chip in enumerate(chips[sl]):
                 if level == "chip":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+from functools import partial
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,7 +25,9 @@ from . import sensors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["solar_day", "pair_nearest", "composite", "detect_modalities", "normalize", "FILL_VALUE"]
+__all__ = ["solar_day", "pair_nearest", "composite", "detect_modalities", "normalize", "normalize_block",
+           "stack_bands",
+           "FILL_VALUE"]
 
 FILL_VALUE = 0.5
 """Normalized value written where a pixel is invalid (the band mean)."""
@@ -195,6 +198,86 @@ def _check_band_names(ds: xr.Dataset, modality: str) -> list[str]:
     return bands
 
 
+def stack_bands(ds: xr.Dataset, modality: str) -> tuple[xr.DataArray, xr.DataArray]:
+    """One modality's stored bands as a lazy ``([time,] band_<key>, y, x)`` stack, and its mask.
+
+    The stack keeps the stored dtype (e.g. uint16 DN) and holds all bands in one chunk; the mask is
+    ``mask_<key>`` when the Dataset has it, else all True.
+
+    Examples
+    --------
+    >>> ds = xr.Dataset({"vv": (("y", "x"), [[0.1]]), "vh": (("y", "x"), [[0.01]])})
+    >>> stack, mask = stack_bands(ds, "s1")
+    >>> stack.dims, stack.band_s1.values.tolist(), mask.values.tolist()
+    (('band_s1', 'y', 'x'), ['vv', 'vh'], [[True]])
+    """
+    bands = _check_band_names(ds, modality)
+    band_dim = f"band_{modality}"
+    stack = xr.concat([ds[b] for b in bands], dim=band_dim).assign_coords({band_dim: bands})
+    stack = stack.transpose(*(("time",) if "time" in stack.dims else ()), band_dim, "y", "x")
+    if stack.chunks is not None:
+        stack = stack.chunk({band_dim: -1})
+    if f"mask_{modality}" in ds:
+        mask = ds[f"mask_{modality}"].astype(bool)
+    else:
+        mask = xr.ones_like(stack.isel({band_dim: 0}, drop=True), dtype=bool)
+    return stack, mask
+
+
+def normalize_block(raw: np.ndarray, modality: str, mask: np.ndarray | None = None,
+                    offset: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The numpy core of :func:`normalize`: stored values of one block → model input and validity.
+
+    Parameters
+    ----------
+    raw : numpy.ndarray
+        Stored values ``(..., C, y, x)`` in TerraFM band order (S2 DN, S1 linear power).
+    modality : str
+        Modality key.
+    mask : numpy.ndarray, optional
+        ``(..., y, x)`` bool, False where the pixel is known to be invalid (e.g. from SCL).
+    offset : float or numpy.ndarray, optional
+        S2 DN offset to subtract (baseline 04.00+ harmonization), scalar or ``(..., 1, 1)``.
+
+    Returns
+    -------
+    (normalized, valid)
+        float32 ``(..., C, y, x)`` with :data:`FILL_VALUE` at invalid pixels, and bool
+        ``(..., y, x)``: every band finite and not nodata (S1 also > 0), and ``mask``.
+
+    Examples
+    --------
+    >>> raw = np.array([[[0.1, 0.0]], [[0.01, 0.02]]], "float32")          # (C=2, y=1, x=2)
+    >>> x, valid = normalize_block(raw, "s1")
+    >>> valid.tolist(), bool(x[0, 0, 1] == FILL_VALUE)
+    ([[True, False]], True)
+    """
+    spec = sensors.get_modality(modality)
+    raw = np.asarray(raw)
+    nodata = sensors.S1_NODATA if spec.key == "s1" else sensors.S2_NODATA
+    valid = (raw != nodata).all(axis=-3)
+    if np.issubdtype(raw.dtype, np.floating):
+        valid &= np.isfinite(raw).all(axis=-3)
+    if spec.key == "s1":
+        valid &= (raw > 0).all(axis=-3)
+    if mask is not None:
+        valid &= np.asarray(mask, dtype=bool)
+    x = raw.astype(np.float32)                      # a fresh buffer, normalized in place
+    if offset is not None:
+        off = np.asarray(offset, dtype=np.float32)
+        x -= np.expand_dims(off, -3) if off.ndim else off
+        np.maximum(x, 0, out=x)
+    sensors.normalize(x, spec.key, channel_axis=-3, inplace=True)
+    np.copyto(x, np.float32(FILL_VALUE), where=~np.expand_dims(valid, -3))
+    return x, valid
+
+
+def _normalize_band_last(raw, ok, off=None, *, modality):
+    # apply_ufunc hands the core (band) dim last; normalize_block wants it before (y, x)
+    x, valid = normalize_block(np.moveaxis(raw, -1, -3), modality, ok, off)
+    return np.moveaxis(x, -3, -1), valid
+
+
 def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset: str = "raw") -> xr.Dataset:
     """Model-ready arrays: per modality a float32 ``([time,] band_<key>, y, x)`` variable, lazily.
 
@@ -236,21 +319,16 @@ def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset
             "terrafm.stac.load or rename the variables")
     out = xr.Dataset(coords={k: v for k, v in ds.coords.items() if k != "s2_offset"})
     for m in mods:
-        bands = _check_band_names(ds, m)
+        stack, mask = stack_bands(ds, m)
         band_dim = f"band_{m}"
-        stack = xr.concat([ds[b].astype("float32") for b in bands], dim=band_dim).assign_coords({band_dim: bands})
-        stack = stack.transpose(*(("time",) if "time" in stack.dims else ()), band_dim, "y", "x")
+        inputs, core = [stack, mask], [[band_dim], []]
         if m.startswith("s2") and s2_offset == "harmonize" and "s2_offset" in ds.coords:
-            stack = (stack - ds.s2_offset.astype("float32")).clip(min=0)
-        nodata = sensors.S1_NODATA if m == "s1" else sensors.S2_NODATA
-        valid = (np.isfinite(stack) & (stack != nodata)).all(band_dim)
-        if m == "s1":
-            valid = valid & (stack > 0).all(band_dim)
-        if f"mask_{m}" in ds:
-            valid = valid & ds[f"mask_{m}"].astype(bool)
-        norm = xr.apply_ufunc(lambda a, key=m: sensors.normalize(a, key, channel_axis=-3).astype("float32"),
-                              stack, dask="allowed", keep_attrs=False)
-        norm = norm.where(valid, np.float32(FILL_VALUE)).astype("float32")
+            inputs.append(ds.s2_offset.astype("float32"))
+            core.append([])
+        norm, valid = xr.apply_ufunc(partial(_normalize_band_last, modality=m), *inputs,
+                                     input_core_dims=core, output_core_dims=[[band_dim], []],
+                                     dask="parallelized", output_dtypes=[np.float32, bool])
+        norm = norm.transpose(*stack.dims)
         norm.attrs = {"modality": m, "normalization": sensors.NORMALIZATION_FORMULA + (", x in dB" if m == "s1" else "")}
         out[m] = norm
         out[f"mask_{m}"] = valid

@@ -38,6 +38,7 @@ __all__ = [
     "S2_NODATA",
     "S1_NODATA",
     "NORMALIZATION_FORMULA",
+    "MIN_VALID_FRACTION",
     "S2_BASELINE_OFFSET",
     "S2_OFFSET_BASELINE",
     "S2_OFFSET_START",
@@ -62,6 +63,9 @@ S1_BANDS: tuple[str, ...] = ("vv", "vh")
 
 S2_NODATA = 0
 S1_NODATA = -32768.0
+
+MIN_VALID_FRACTION = 0.5
+"""A 16 x 16 patch counts as valid for a modality when at least this fraction of its pixels is."""
 
 NORMALIZATION_FORMULA = "(x - (mu - 2 sigma)) / (4 sigma)"
 """What :func:`normalize` computes (recorded in attrs of normalized arrays and embeddings)."""
@@ -208,7 +212,11 @@ def _as_float(x: Any):
     return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
 
 
-def linear_to_db(x: Any, floor: float = 1e-10):
+DB_FLOOR = 1e-10
+"""Linear power below this is clipped before the dB conversion (zero power stays finite)."""
+
+
+def linear_to_db(x: Any, floor: float = DB_FLOOR):
     """Convert linear backscatter power to decibels, ``10 log10(max(x, floor))``.
 
     The floor keeps zero or negative power (border artefacts) finite; nodata must be masked
@@ -237,7 +245,7 @@ def _check_channels(x: Any, spec: ModalitySpec, channel_axis: int) -> None:
         )
 
 
-def normalize(x: Any, modality: str, channel_axis: int = -3):
+def normalize(x: Any, modality: str, channel_axis: int = -3, inplace: bool = False):
     """Normalize stored values of one modality to the model's input scale.
 
     Parameters
@@ -249,6 +257,8 @@ def normalize(x: Any, modality: str, channel_axis: int = -3):
         Modality key or alias.
     channel_axis : int, default -3
         Band axis: ``-3`` fits (C, H, W) and (B, C, H, W).
+    inplace : bool, default False
+        Overwrite ``x`` (a floating numpy array) instead of allocating: for large blocks.
 
     Returns
     -------
@@ -264,6 +274,18 @@ def normalize(x: Any, modality: str, channel_axis: int = -3):
     """
     spec = get_modality(modality)
     _check_channels(x, spec, channel_axis)
+    if inplace:
+        if not (isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)):
+            raise TypeError("normalize(inplace=True) needs a floating numpy array; pass inplace=False")
+        mean = _stat_array(spec.mean, x, channel_axis)
+        std = _stat_array(spec.std, x, channel_axis)
+        if spec.to_db:
+            np.maximum(x, DB_FLOOR, out=x)
+            np.log10(x, out=x)
+            x *= 10.0
+        x -= mean - 2.0 * std
+        x /= 4.0 * std
+        return x
     x = _as_float(x)
     if spec.to_db:
         x = linear_to_db(x)

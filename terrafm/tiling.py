@@ -15,8 +15,8 @@ Examples
 >>> from odc.geo.geobox import GeoBox
 >>> gbox = GeoBox.from_bbox((500000, 4000000, 504480, 4004480), "EPSG:32618", resolution=10)
 >>> grid = ChipGrid(gbox, chip_size=224, margin=32)
->>> grid.patch_geobox.shape, grid.n_chips, grid.stride
-(Shape2d(y=28, x=28), (3, 3), 160)
+>>> tuple(grid.patch_geobox.shape), grid.n_chips, grid.stride
+((28, 28), (3, 3), 160)
 """
 
 from __future__ import annotations

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block
 
+from ..sensors import MIN_VALID_FRACTION
 from .config import ModelConfig
 from .patch_embed import ModalityPatchEmbed
 
 __all__ = ["TerraFM", "TerraFMOutput"]
 
-MIN_VALID_FRACTION = 0.5
-"""A patch counts as valid for a modality when at least this fraction of its pixels is valid."""
 
 
 @dataclass

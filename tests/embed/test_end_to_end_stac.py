@@ -54,6 +54,8 @@ def test_validity_follows_the_cloud_and_nodata_masks(scene_dataset, scene_embedd
     s1 = _patch_fraction(scene_dataset["mask_s1"].values, gy, gx) >= 0.5
     expected = s2 | s1
     np.testing.assert_array_equal(emb["valid"].values, expected)
+    np.testing.assert_array_equal(emb["valid_s2_l2a"].values, s2)   # the same rule per modality
+    np.testing.assert_array_equal(emb["valid_s1"].values, s1)
     values = emb.values
     assert np.isfinite(values[expected]).all()
     assert np.isnan(values[~expected]).all()
