@@ -52,7 +52,7 @@ def labels_to_grid(emb: xr.DataArray, labels, column: str = "class") -> tuple[np
     points = labels[labels.geometry.geom_type == "Point"]
     if len(points):
         inv = ~transform
-        cols, rows = inv * (points.geometry.x.values, points.geometry.y.values)
+        cols, rows = inv @ (points.geometry.x.values, points.geometry.y.values)
         rows, cols = np.floor(rows).astype(int), np.floor(cols).astype(int)
         inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
         if not inside.all():

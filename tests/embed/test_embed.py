@@ -37,7 +37,7 @@ def test_geotransform_locates_a_known_pixel(tiny_model):
     ds["mask_s2_l2a"] = (("time", "y", "x"), mask)
     emb = embed(ds, model=tiny_model, chip_size=64, overlap=16, device="cpu", progress=False)
     gbox = ds.odc.geobox
-    x, y = gbox.affine * (col + 0.5, row + 0.5)  # the pixel centre in map coordinates
+    x, y = gbox.affine @ (col + 0.5, row + 0.5)  # the pixel centre in map coordinates
     cell = emb.sel(x=x, y=y, method="nearest")
     assert not bool(cell.valid.item()) and np.isnan(cell.values).all()
     assert int((~emb.valid).sum()) == 1
