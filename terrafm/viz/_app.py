@@ -43,6 +43,7 @@ class MapApp:
     """
 
     title = ""
+    date_index = 0  # which date of a time series the app shows (subclasses set it before __init__)
 
     def __init__(self, emb: Any, map: Any = None, toolbar: bool = False, height: str = "520px") -> None:
         import ipywidgets
@@ -97,6 +98,14 @@ class MapApp:
         from ..analysis._grid import check_embedding
 
         check_embedding(emb)
+
+    # ----- data ----------------------------------------------------------------------------
+    def current(self):
+        """The single-date embedding the app shows (``emb`` at ``date_index`` when it has time)."""
+        emb = self.emb
+        if "time" in emb.dims:
+            emb = emb.isel(time=self.date_index)
+        return emb
 
     # ----- geometry helpers --------------------------------------------------------------
     def cell_of(self, emb: Any, lon: float, lat: float) -> tuple[int, int]:

@@ -55,18 +55,12 @@ class LabelTool(MapApp):
         if len(set(self.classes)) != len(self.classes) or not self.classes:
             raise ValueError(f"classes must be distinct, non-empty names, got {list(classes)}")
         self.active_class = self.classes[0]
-        self.method, self.k, self.date = method, int(k), int(date)
+        self.method, self.k, self.date_index = method, int(k), int(date)
         self.labels = gpd.GeoDataFrame({"class": []}, geometry=[], crs="EPSG:4326")
         self.classifier = None
         self.prediction = None
         self.markers = None
         super().__init__(emb, map=map, **kwargs)
-
-    def current(self):
-        emb = self.emb
-        if "time" in emb.dims:
-            emb = emb.isel(time=self.date)
-        return emb
 
     def _setup(self) -> None:
         import ipyleaflet

@@ -76,13 +76,6 @@ class SimilarityExplorer(MapApp):
             controls.append(self.date_picker)
         return [ipywidgets.HBox(controls)]
 
-    def current(self):
-        """The single-date embedding being searched."""
-        emb = self.emb
-        if "time" in emb.dims:
-            emb = emb.isel(time=self.date_index)
-        return emb
-
     @guarded
     def set_date(self, index: int) -> None:
         """Search another date (index into ``emb.time``); repeats the last query."""

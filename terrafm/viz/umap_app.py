@@ -49,19 +49,13 @@ class UmapLink(MapApp):
                  n_neighbors: int = 15, map: Any = None, **kwargs: Any) -> None:
         if method not in ("umap", "pca"):
             raise ValueError(f"method must be 'umap' or 'pca', got {method!r}")
-        self.method, self.sample, self.seed, self.date = method, int(sample), int(seed), int(date)
+        self.method, self.sample, self.seed, self.date_index = method, int(sample), int(seed), int(date)
         self.n_neighbors = int(n_neighbors)
         self.coords = np.zeros((0, 2))
         self.rows = self.cols = np.zeros(0, dtype=int)
         self.selected = np.zeros(0, dtype=int)
         self.point_colours: list[str] = []
         super().__init__(emb, map=map, **kwargs)
-
-    def current(self):
-        emb = self.emb
-        if "time" in emb.dims:
-            emb = emb.isel(time=self.date)
-        return emb
 
     def _setup(self) -> None:
         from matplotlib.colors import to_hex

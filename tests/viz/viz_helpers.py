@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
-import rioxarray  # noqa: F401
 import xarray as xr
-from affine import Affine
 from pyproj import Transformer
 
-RES = 160.0
-CRS = "EPSG:32633"
-ORIGIN = (404_000.0, 5_342_400.0)  # upper-left corner (x, y), near Linz
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+from analysis_helpers import CRS, ORIGIN, RES  # noqa: E402,F401
+from analysis_helpers import make_embedding as _make_embedding  # noqa: E402
 
 
 def make_embedding(values, crs: str = CRS, origin=ORIGIN, times=None) -> xr.DataArray:
-    """Wrap (y, x, D) or (t, y, x, D) values: NaN rows -> valid False; CRS + transform written."""
+    """The analysis tests' contract embedding; a time series gets monthly dates from June 2021."""
     values = np.asarray(values, dtype=np.float32)
-    ny, nx = values.shape[-3], values.shape[-2]
-    xs = origin[0] + RES * (np.arange(nx) + 0.5)
-    ys = origin[1] - RES * (np.arange(ny) + 0.5)
-    dims = ("y", "x", "embedding")
-    coords = {"y": ys, "x": xs, "embedding": np.arange(values.shape[-1])}
-    if values.ndim == 4:
-        dims = ("time",) + dims
-        coords["time"] = times if times is not None else (
-            np.datetime64("2021-06-01") + 30 * np.arange(values.shape[0])).astype("datetime64[ns]")
-    da = xr.DataArray(values, dims=dims, coords=coords, name="embedding")
-    da = da.assign_coords(valid=(dims[:-1], np.isfinite(values).all(-1)))
-    da.attrs.update({"model": "test", "level": "patch"})
-    return da.rio.write_crs(crs).rio.write_transform(Affine(RES, 0, origin[0], 0, -RES, origin[1]))
+    if values.ndim == 4 and times is None:
+        times = (np.datetime64("2021-06-01") + 30 * np.arange(values.shape[0])).astype("datetime64[ns]")
+    return _make_embedding(values, crs=crs, origin=origin, times=times)
 
 
 def two_region_embedding(ny=16, nx=20, depth=8, seed=0, noise=0.05) -> xr.DataArray:
