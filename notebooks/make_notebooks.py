@@ -126,6 +126,72 @@ NOTEBOOKS = {
         ("code", "tool = viz.LabelTool(emb, classes=[\"water\", \"built-up\", \"vegetation\"], toolbar=cfg.toolbar)\n"
                  "tool"),
     ],
+    "06_pretraining.ipynb": [
+        ("md", "# 06 · A small pretraining run\n\n"
+               "Pretrain TerraFM yourself with the `pretrain` package (DINO self-distillation with multi-crop, "
+               "modality augmentation and dual centering, paper §3.2), export the teacher, and use it for "
+               "embeddings exactly like the released weights. A notebook run is a smoke run on a CPU; real "
+               "runs use `torchrun -m pretrain.train --config vitb_paper` on GPUs (see `pretrain/README.md`).\n\n"
+               "**Data.** By default this notebook reads a Major-TOM Core download from `TERRAFM_MAJORTOM_ROOT` "
+               "(default `data/majortom`). Get a few shards from Hugging Face, e.g.\n\n"
+               "```bash\n"
+               "huggingface-cli download Major-TOM/Core-S2L2A --repo-type dataset \\\n"
+               "    --include 'images/part_00001.parquet' --local-dir data/majortom/Core-S2L2A\n"
+               "```\n\n"
+               "(Core-S1RTC and Core-S2L1C the same way; the three datasets are joined by `grid_cell`, so "
+               "add those modalities only for cells present in all of them.) The default run uses the "
+               "`tiny_cpu` recipe on Sentinel-2 L2A for 160 iterations and then embeds the Planetary Computer "
+               "area of the other notebooks.\n\n"
+               "Set `TERRAFM_NOTEBOOK_MODE=local` to run offline: a tiny Major-TOM-format dataset is built "
+               "from the real BigEarthNet S1 + S2 example patches, 15 iterations of `tiny_cpu` run in seconds, "
+               "and the local STAC stand-in provides the area to embed. Fifteen steps show the machinery "
+               "working, not a useful model."),
+        ("code", "import pandas as pd\n"
+                 "import torch\n"
+                 "import terrafm\n"
+                 "import terrafm.viz as viz\n"
+                 "from terrafm.viz.notebook import first_date, open_notebook_area, open_pretraining_data\n"
+                 "from pretrain.config import load_config\n"
+                 "from pretrain.export import export_teacher\n"
+                 "from pretrain.train import train\n\n"
+                 "torch.set_num_threads(2)\n"
+                 "setup = open_pretraining_data()\n"
+                 "train_cfg = load_config(setup.config, setup.overrides)\n"
+                 "print(\"mode:\", setup.mode, \"| data:\", setup.root)\n"
+                 "print(train_cfg.model.name, \"|\", train_cfg.total_iters, \"iterations of\", train_cfg.optim.batch_size,\n"
+                 "      \"samples |\", train_cfg.data.modalities)"),
+        ("md", "## Train\nCheckpoints go to `run.output_dir`; running the cell again continues the run "
+               "(`resume=\"auto\"`)."),
+        ("code", "losses = train(train_cfg, resume=\"auto\", device=\"auto\")\n"
+                 "print(f\"{len(losses)} iterations, last loss {losses[-1]:.3f}\" if losses else \"run already finished\")"),
+        ("md", "## Loss curve\nFrom `metrics.csv` (iteration, name, value). The DINO loss is the teacher's "
+               "entropy plus KL(teacher ‖ student); the entropy rises while the centers settle, so watch "
+               "the KL part, which the student minimises, and the entropy (near 0 or near log K = collapse)."),
+        ("code", "import matplotlib.pyplot as plt\n\n"
+                 "metrics = pd.read_csv(setup.output_dir / \"metrics.csv\")\n"
+                 "curves = metrics.pivot_table(index=\"iteration\", columns=\"name\", values=\"value\")\n"
+                 "fig, ax = plt.subplots(figsize=(7, 3.5))\n"
+                 "ax.plot(curves.index, curves[\"loss\"], label=\"DINO loss\")\n"
+                 "ax.plot(curves.index, curves[\"teacher_entropy\"], label=\"teacher entropy\")\n"
+                 "ax.plot(curves.index, curves[\"loss\"] - curves[\"teacher_entropy\"], label=\"KL (loss - entropy)\")\n"
+                 "ax.set_xlabel(\"iteration\")\n"
+                 "ax.legend()\n"
+                 "plt.show()"),
+        ("md", "## Export and load\n`pretrain.export` (also `python -m pretrain.export CHECKPOINT OUT`) writes "
+               "the teacher backbone in the release layout, with the trained fusion; `terrafm.create_model` "
+               "loads it strictly."),
+        ("code", "weights = export_teacher(setup.output_dir / \"checkpoint.pth\", setup.output_dir / \"terrafm_pretrained.pth\")\n"
+                 "model = terrafm.create_model(train_cfg.model.name, weights=weights).eval()\n"
+                 "print(weights, \"sha256\", model.checkpoint_sha256[:12])"),
+        ("md", "## Embed with your model\nThe same area as the other notebooks, embedded by the model you just "
+               "trained, coloured by PCA."),
+        ("code", "cfg = open_notebook_area(\"pretraining\")\n"
+                 "ds = first_date(terrafm.open_sentinel(cfg.bbox, cfg.start, cfg.end, **cfg.stac))\n"
+                 "emb = terrafm.embed(ds, **{**cfg.embed, \"model\": model, \"weights\": None})\n"
+                 "m = viz.new_map(emb, toolbar=cfg.toolbar)\n"
+                 "viz.add_embedding_layer(m, terrafm.to_rgb(emb, method=\"pca\"), \"pretrained embedding (PCA)\", opacity=0.85)\n"
+                 "m"),
+    ],
 }
 
 
@@ -134,6 +200,8 @@ def build() -> list[Path]:
     for name, cells in NOTEBOOKS.items():
         nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src)
                                  for kind, src in cells])
+        for i, cell in enumerate(nb.cells):  # stable ids: regenerating gives a clean diff
+            cell.id = f"cell-{i:02d}"
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["language_info"] = {"name": "python"}
         path = HERE / name

@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 
 MODE_VARIABLE = "TERRAFM_NOTEBOOK_MODE"
 STAC_URL_VARIABLE = "TERRAFM_STAC_URL"
+MAJORTOM_VARIABLE = "TERRAFM_MAJORTOM_ROOT"
+MAJORTOM_DOWNLOAD = (
+    "download a few Major-TOM Core shards from Hugging Face, e.g. "
+    "`huggingface-cli download Major-TOM/Core-S2L2A --repo-type dataset --include 'images/part_00001.parquet' "
+    "--local-dir data/majortom/Core-S2L2A`, and point {var} at data/majortom"
+)
 _LOCAL_SERVERS: list = []
 
 # Default (real) areas: small enough for a laptop CPU with terrafm_base.
@@ -169,3 +175,81 @@ def first_date(ds: Any, mask: str = "mask_s2_l2a"):
     else:
         best = 0
     return ds.isel(time=[best])
+
+
+@dataclass
+class PretrainSetup:
+    """Where the pretraining notebook reads Major-TOM and writes its run.
+
+    ``config`` and ``overrides`` go to ``pretrain.config.load_config``.
+
+    Examples
+    --------
+    >>> setup = open_pretraining_data()                                   # doctest: +SKIP
+    >>> cfg = pretrain.config.load_config(setup.config, setup.overrides)  # doctest: +SKIP
+    """
+
+    mode: str
+    root: Path
+    output_dir: Path
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def open_pretraining_data(output_dir: str | os.PathLike | None = None) -> PretrainSetup:
+    """Major-TOM data and a small run configuration for the pretraining notebook.
+
+    Default mode: the Major-TOM Core download named by ``TERRAFM_MAJORTOM_ROOT`` (default
+    ``data/majortom``; layout ``Core-S2L2A/images/part_*.parquet``, optional ``cell_stats.csv``),
+    trained with the ``tiny_cpu`` recipe on Sentinel-2 L2A for 160 iterations. Local mode: a tiny
+    Major-TOM-format dataset built in a temporary directory from the real BigEarthNet S1 + S2
+    example patches (the pretraining tests' builder), 15 iterations of ``tiny_cpu``.
+
+    Parameters
+    ----------
+    output_dir : path, optional
+        Run directory (checkpoint, metrics.csv); default ``runs/notebook06`` (local mode: inside
+        the temporary directory).
+
+    Returns
+    -------
+    PretrainSetup
+
+    Raises
+    ------
+    FileNotFoundError
+        No Major-TOM data at the root (default mode); the message says where to download it.
+
+    Examples
+    --------
+    >>> setup = open_pretraining_data()                 # doctest: +SKIP
+    >>> setup.mode, setup.config                        # doctest: +SKIP
+    ('local', 'tiny_cpu')
+    """
+    if notebook_mode() == "local":
+        import tempfile
+
+        tests = _repo_tests_dir()
+        builder_dir = str(tests / "pretrain")
+        if builder_dir not in sys.path:
+            sys.path.insert(0, builder_dir)
+        from pretrain_majortom_builder import write_bigearthnet_majortom
+
+        root = Path(tempfile.mkdtemp(prefix="terrafm_majortom_"))
+        info = write_bigearthnet_majortom(root)
+        logger.info("built a Major-TOM-format dataset of %d BigEarthNet cells in %s", len(info["cells"]), root)
+        out = Path(output_dir) if output_dir is not None else root / "run"
+        return PretrainSetup(mode="local", root=root, output_dir=out, config="tiny_cpu", overrides=[
+            f"data.root={root}", f"data.cell_stats={root / 'cell_stats.csv'}", f"run.output_dir={out}",
+            "optim.epochs=5", "data.num_workers=0"])
+    root = Path(os.environ.get(MAJORTOM_VARIABLE, "data/majortom"))
+    if not any(root.glob("*S2L2A/images/*.parquet")):
+        raise FileNotFoundError(f"no Major-TOM Core-S2L2A parquet under {root.resolve()}; "
+                                + MAJORTOM_DOWNLOAD.format(var=MAJORTOM_VARIABLE))
+    out = Path(output_dir) if output_dir is not None else Path("runs/notebook06")
+    overrides = [f"data.root={root}", f"run.output_dir={out}", "data.modalities=[s2_l2a]",
+                 "optim.epochs=10", "optim.epoch_samples=128", "data.num_workers=2"]
+    stats = [p for p in (root / "cell_stats.csv", root / "cell_stats.parquet") if p.exists()]
+    if stats:
+        overrides.append(f"data.cell_stats={stats[0]}")
+    return PretrainSetup(mode="planetary-computer", root=root, output_dir=out, config="tiny_cpu", overrides=overrides)

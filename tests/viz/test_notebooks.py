@@ -49,6 +49,37 @@ _report(names=names, n_train=clf.report["n_train"], accuracy=clf.report.get("acc
         predicted_valid=bool(_np.isfinite(prediction["class"].values[_valid]).all()),
         tool_error=tool.error, has_layer=viz.get_layer(m, "predicted land cover") is not None)
 """,
+    "06_pretraining.ipynb": """
+import numpy as _np
+from terrafm.model import create_model as _create, load_weights as _load
+from pretrain.head import build_student_teacher as _pair
+_fresh = _create(train_cfg.model.name).eval()
+_result = _load(_fresh, weights)
+_state = torch.load(setup.output_dir / "checkpoint.pth", map_location="cpu", weights_only=False)
+_m = train_cfg.model
+_, _teacher = _pair(_m.name, dict(out_dim=_m.out_dim, hidden_dim=_m.hidden_dim, bottleneck_dim=_m.bottleneck_dim))
+_teacher.load_state_dict(_state["teacher"])
+_teacher.eval()
+_gen = torch.Generator().manual_seed(0)
+_x = {"s2_l2a": torch.rand(2, 12, 48, 48, generator=_gen), "s1": torch.rand(2, 2, 48, 48, generator=_gen)}
+with torch.no_grad():
+    _ours, _ref = model(_x), _teacher.backbone(_x)
+_untrained = _create(train_cfg.model.name).eval()
+with torch.no_grad():
+    _before = _untrained(_x)
+_valid = _np.asarray(emb.valid.values)
+_layer = viz.get_layer(m, "pretrained embedding (PCA)")
+_report(mode=setup.mode, losses=[float(v) for v in losses], csv_loss=curves["loss"].tolist(),
+        total_iters=train_cfg.total_iters, iteration=_state["iteration"],
+        fusion_trained=bool(_result.fusion_trained), missing=list(_result.missing_fusion),
+        cls_diff=float((_ours.cls - _ref.cls).abs().max()), patch_diff=float((_ours.patch - _ref.patch).abs().max()),
+        moved=float((_ours.cls - _before.cls).abs().max()),
+        sha=model.checkpoint_sha256, emb_sha=emb.attrs.get("checkpoint_sha256"),
+        file_sha=__import__("hashlib").sha256(open(weights, "rb").read()).hexdigest(),
+        valid=float(_valid.mean()), finite_where_valid=bool(_np.isfinite(emb.values[_valid]).all()),
+        depth=emb.sizes["embedding"], opaque=float((_layer.overlay.rgba[..., 3] > 0).mean()),
+        in_map=_layer.image in m.layers)
+""",
 }
 
 
@@ -131,3 +162,41 @@ def test_default_mode_is_planetary_computer_with_released_weights(monkeypatch):
     monkeypatch.setenv("TERRAFM_NOTEBOOK_MODE", "offline")
     with pytest.raises(ValueError, match="use 'local'"):
         notebook_mode()
+
+
+def test_pretraining(local_mode):
+    import math
+
+    r = run_notebook("06_pretraining.ipynb")
+    assert r["mode"] == "local"
+    # 15 real DINO steps, all finite; metrics.csv holds the same numbers the loop returned
+    assert r["total_iters"] == r["iteration"] == len(r["losses"]) == 15
+    assert all(math.isfinite(v) and 0 < v < 2 * math.log(256) for v in r["losses"])
+    assert r["csv_loss"] == pytest.approx(r["losses"], rel=1e-6)
+    # the export loads strictly (trained fusion included) and is the teacher, bit for bit
+    assert r["fusion_trained"] and r["missing"] == []
+    assert r["cls_diff"] == 0.0 and r["patch_diff"] == 0.0
+    assert r["moved"] > 1e-4  # training changed the weights: not the initialisation
+    # the embeddings carry the exported checkpoint's provenance and are on the map
+    assert r["emb_sha"] == r["sha"] == r["file_sha"]
+    assert r["depth"] == 64 and r["valid"] > 0.5 and r["finite_where_valid"]
+    assert r["in_map"] and r["opaque"] > 0.5
+
+
+def test_pretraining_default_mode_names_the_download(monkeypatch, tmp_path):
+    from terrafm.viz.notebook import open_pretraining_data
+
+    monkeypatch.delenv("TERRAFM_NOTEBOOK_MODE", raising=False)
+    monkeypatch.setenv("TERRAFM_MAJORTOM_ROOT", str(tmp_path / "majortom"))
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download Major-TOM/Core-S2L2A"):
+        open_pretraining_data()
+    shard = tmp_path / "majortom" / "Core-S2L2A" / "images"
+    shard.mkdir(parents=True)
+    (shard / "part_00001.parquet").write_bytes(b"")
+    setup = open_pretraining_data(tmp_path / "run")
+    assert setup.config == "tiny_cpu" and setup.root == tmp_path / "majortom"
+    assert f"data.root={tmp_path / 'majortom'}" in setup.overrides and "data.modalities=[s2_l2a]" in setup.overrides
+    from pretrain.config import load_config
+
+    cfg = load_config(setup.config, setup.overrides)
+    assert cfg.total_iters == 160 and cfg.data.modalities == ["s2_l2a"] and cfg.model.name == "terrafm_tiny"
