@@ -163,3 +163,79 @@ def test_change_explorer_in_the_browser(browser_context, voila_env, tmp_path):
         assert float(readout) > 0
     finally:
         voila.stop()
+
+
+def _png_pixels(src: str) -> np.ndarray:
+    import base64
+
+    from PIL import Image
+
+    assert src.startswith("data:image/png;base64,"), src[:40]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")).astype(int)
+
+
+def _near_colour_at(src: str, box: dict, x: float, y: float, colour, tol: int = 8) -> bool:
+    """Whether the overlay picture ``src`` (drawn in ``box``) has ``colour`` within one pixel of page point (x, y)."""
+    rgb = _png_pixels(src)
+    h, w = rgb.shape[:2]
+    col = int((x - box["x"]) / box["width"] * w)
+    row = int((y - box["y"]) / box["height"] * h)
+    patch = rgb[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2]
+    return bool((np.abs(patch - np.asarray(colour)).max(-1) <= tol).any())
+
+
+QUERY_MARKER = "path.leaflet-interactive[fill='#ff00aa']"
+
+
+def test_similarity_click_in_the_browser(browser_context, voila_env, tmp_path):
+    """A real mouse click on the map reaches the kernel: new similarity picture, query marker under the
+    pointer, top-k markers redrawn, and the clicked place has similarity 1 (magma's top colour)."""
+    from matplotlib import colormaps
+
+    top = np.round(np.asarray(colormaps["magma"](1.0)[:3]) * 255).astype(int)
+    voila = Voila(REPO / "notebooks" / "04_similarity_search.ipynb", voila_env, tmp_path)
+    try:
+        page = _open(browser_context, voila)
+        page.wait_for_selector(QUERY_MARKER, timeout=30_000)
+        maps = page.query_selector_all(".leaflet-container")
+        assert len(maps) == 1
+        images = page.query_selector_all("img.leaflet-image-layer")
+        assert len(images) == 2  # PCA colours + similarity
+        assert len(page.query_selector_all("path.leaflet-interactive")) == 16  # 15 matches + the query
+        assert page.query_selector(".terrafm-error") is None
+        message_before = page.inner_text(".terrafm-message")
+        similarity_before = images[-1].get_attribute("src")
+        marker_before = page.query_selector(QUERY_MARKER).bounding_box()
+
+        # a point inside the data, a quarter of the way in from the overlay's top-left corner
+        # (the starting query is the centre), clear of the map's corner controls
+        box = images[0].bounding_box()
+        x, y = box["x"] + 0.27 * box["width"], box["y"] + 0.3 * box["height"]
+        map_box = maps[0].bounding_box()
+        assert map_box["x"] + 60 < x < map_box["x"] + map_box["width"] - 60
+        assert map_box["y"] + 90 < y < map_box["y"] + map_box["height"] - 60
+        assert not _near_colour_at(similarity_before, images[-1].bounding_box(), x, y, top)
+        page.mouse.click(x, y)
+        page.wait_for_function(
+            "(before) => { const m = document.querySelector('.terrafm-message');"
+            " return m && m.innerText.startsWith('Query') && m.innerText !== before; }",
+            arg=message_before, timeout=30_000)
+        page.wait_for_function(
+            "(before) => { const i = [...document.querySelectorAll('img.leaflet-image-layer')].pop();"
+            " return i.getAttribute('src') !== before && i.complete && i.naturalWidth > 0; }",
+            arg=similarity_before, timeout=30_000)
+        page.wait_for_timeout(300)
+        assert page.query_selector(".terrafm-error") is None
+        images = page.query_selector_all("img.leaflet-image-layer")
+        assert len(images) == 2
+        marker = page.query_selector(QUERY_MARKER).bounding_box()
+        centre = (marker["x"] + marker["width"] / 2, marker["y"] + marker["height"] / 2)
+        assert abs(centre[0] - x) < 3 and abs(centre[1] - y) < 3, (centre, (x, y))
+        assert abs(marker["x"] - marker_before["x"]) > 20 or abs(marker["y"] - marker_before["y"]) > 20
+        assert len(page.query_selector_all("path.leaflet-interactive")) == 16
+        similarity_after = images[-1].get_attribute("src")
+        assert _near_colour_at(similarity_after, images[-1].bounding_box(), x, y, top), \
+            "the clicked place is not at similarity 1 in the new layer"
+        _save(page, maps[0], "similarity_click", tmp_path)
+    finally:
+        voila.stop()
