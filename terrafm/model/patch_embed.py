@@ -109,20 +109,24 @@ class ModalityPatchEmbed(nn.Module):
         patches = getattr(self, f"conv2d_{key}")(image).flatten(2).transpose(1, 2)
         return patches + getattr(self, f"{key}_embed")
 
-    def _stem(self, key: str, image: torch.Tensor, need_keys: bool, folded):
-        """Values ``norm_input(proj1(Z))`` and, for fusion, keys ``key_proj(Z)`` of one modality."""
+    def _stem(self, key: str, image: torch.Tensor, key_rows: torch.Tensor | bool, folded):
+        """Values ``norm_input(proj1(Z))`` of one modality and, for fusion, keys ``key_proj(Z)``
+        of the rows selected by ``key_rows`` (a bool per row, or True / False for all / none)."""
+        def rows(tensor):
+            return tensor if key_rows is True else tensor[key_rows]
+
         if folded is None:
             tokens = self.modality_tokens(key, image)
-            keys = self.fusion.key_proj(tokens) if need_keys else None
+            keys = None if key_rows is False else self.fusion.key_proj(rows(tokens))
             return self.projection.value(tokens), keys
 
-        def patchify(name):
-            out = F.conv2d(image, folded[f"{key}.{name}.weight"], folded[f"{key}.{name}.bias"],
+        def patchify(name, pixels):
+            out = F.conv2d(pixels, folded[f"{key}.{name}.weight"], folded[f"{key}.{name}.bias"],
                            stride=self.patch_size)
             return out.flatten(2).transpose(1, 2)
 
-        values = self.projection.norm_input(patchify("value"))
-        return values, (patchify("key") if need_keys else None)
+        values = self.projection.norm_input(patchify("value", image))
+        return values, (None if key_rows is False else patchify("key", rows(image)))
 
     def _output(self, fused: torch.Tensor, folded) -> torch.Tensor:
         if folded is None:
@@ -158,17 +162,53 @@ class ModalityPatchEmbed(nn.Module):
                      for k in keys]
             if all(bool(m.all()) for m in masks):
                 masks = None
+            elif len(keys) > 1 and any(bool(m.any()) for m in masks):
+                # a modality without a single valid patch in the batch cannot change the output
+                used = [i for i, m in enumerate(masks) if bool(m.any())]
+                keys, masks = [keys[i] for i in used], [masks[i] for i in used]
+                first = inputs[keys[0]]
         need_fusion = len(keys) > 1 or masks is not None
-        stems = [self._stem(k, inputs[k], need_fusion, folded) for k in keys]
         if not need_fusion:
-            return self._output(stems[0][0], folded), None
+            return self._output(self._stem(keys[0], first, False, folded)[0], folded), None
 
-        dim = stems[0][0].shape[-1]
-        values = torch.stack([v for v, _ in stems], dim=2).reshape(batch * n_patches, len(keys), dim)
-        key_tokens = torch.stack([k for _, k in stems], dim=2).reshape(batch * n_patches, len(keys), dim)
+        # Per sample, a stem runs only if its modality has a valid patch there, and keys are
+        # computed only for samples where another modality is valid too: a masked token never
+        # reaches the output, and a position with one valid modality takes its value as is.
+        present = [m.any(dim=1) if masks is not None else None for m in (masks or [None] * len(keys))]
+        n_present = sum(p.long() for p in present) if masks is not None else None
+        value_list, key_list = [], []
+        for i, key in enumerate(keys):
+            if masks is None:
+                v, k = self._stem(key, inputs[key], True, folded)
+            else:
+                rows = present[i]
+                multi = n_present[rows] > 1
+                if bool(rows.all()):
+                    v, k = self._stem(key, inputs[key], True if bool(multi.all()) else multi, folded)
+                    if k is not None and not bool(multi.all()):
+                        k = _scatter_rows(k, multi, batch)
+                else:
+                    v_rows, k_rows = self._stem(key, inputs[key][rows], multi if bool(multi.any()) else False, folded)
+                    v = _scatter_rows(v_rows, rows, batch)
+                    k = None if k_rows is None else _scatter_rows(k_rows, rows.clone().masked_scatter_(rows, multi), batch)
+                if k is None:
+                    k = torch.zeros_like(v)
+            value_list.append(v)
+            key_list.append(k)
+
+        dim = value_list[0].shape[-1]
+        values = torch.stack(value_list, dim=2).reshape(batch * n_patches, len(keys), dim)
+        key_tokens = torch.stack(key_list, dim=2).reshape(batch * n_patches, len(keys), dim)
         valid = None if masks is None else torch.stack(masks, dim=2).reshape(batch * n_patches, len(keys))
         fused = self.fusion(key_tokens, values, valid).reshape(batch, n_patches, dim)
         position_valid = None if valid is None else valid.any(dim=1).reshape(batch, n_patches)
         if position_valid is not None and bool(position_valid.all()):
             position_valid = None
         return self._output(fused, folded), position_valid
+
+
+def _scatter_rows(rows_tensor: torch.Tensor, selected: torch.Tensor, batch: int) -> torch.Tensor:
+    """Place the rows computed for ``selected`` samples into a zero tensor of ``batch`` rows."""
+    index = selected.nonzero().squeeze(1)
+    full = rows_tensor.new_zeros((batch,) + tuple(rows_tensor.shape[1:]))
+    return full.index_copy(0, index, rows_tensor)

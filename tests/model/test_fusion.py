@@ -144,3 +144,41 @@ def test_fusion_matches_a_per_position_loop(model, images):
             w = torch.softmax(out @ fusion.score.double(), dim=0)
             expected = (w[:, None] * out).sum(0)
             assert torch.allclose(batched[n].double(), expected, atol=1e-5), n
+
+
+def _per_sample_selection(n: int = 6):
+    """Modality subsets per sample as modality augmentation draws them (one, two or three)."""
+    subsets = [("s2_l2a",), ("s1",), ("s2_l2a", "s1"), ("s2_l1c", "s2_l2a", "s1"), ("s2_l1c",), ("s2_l1c", "s1")]
+    return subsets[:n]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_per_sample_selection_equals_each_sample_alone(grad):
+    """A batch where each sample selects its own modalities through whole-sample masks gives, per
+    sample, what that sample gives alone with only its modalities (the stems only run on the
+    samples that selected them)."""
+    torch.manual_seed(0)
+    net = create_model("terrafm_tiny").train(grad)
+    subsets = _per_sample_selection()
+    n = len(subsets)
+    g = torch.Generator().manual_seed(5)
+    images = {"s2_l2a": torch.rand(n, 12, S, S, generator=g), "s2_l1c": torch.rand(n, 12, S, S, generator=g),
+              "s1": torch.rand(n, 2, S, S, generator=g)}
+    masks = {k: torch.tensor([k in sub for sub in subsets])[:, None, None].expand(n, 4, 4).contiguous()
+             for k in images}
+    rows_seen = {}
+    hooks = [getattr(net.patch_embed, f"conv2d_{k}").register_forward_hook(
+        lambda mod, inp, out, k=k: rows_seen.__setitem__(k, inp[0].shape[0])) for k in images]
+    with torch.set_grad_enabled(grad):
+        batched = net(images, masks)
+    for h in hooks:
+        h.remove()
+    if grad:   # unfolded path: each stem saw only the samples that selected it
+        assert rows_seen == {k: sum(k in sub for sub in subsets) for k in images}
+        batched.cls.sum().backward()
+        assert all(getattr(net.patch_embed, f"conv2d_{k}").weight.grad.abs().sum() > 0 for k in images)
+    for i, sub in enumerate(subsets):
+        with torch.no_grad():
+            alone = net({k: images[k][i:i + 1] for k in sub})
+        torch.testing.assert_close(batched.cls[i:i + 1].detach(), alone.cls, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(batched.patch[i:i + 1].detach(), alone.patch, atol=2e-5, rtol=1e-5)
