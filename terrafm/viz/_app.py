@@ -45,16 +45,20 @@ class MapApp:
     title = ""
     date_index = 0  # which date of a time series the app shows (subclasses set it before __init__)
 
-    def __init__(self, emb: Any, map: Any = None, toolbar: bool = False, height: str = "520px") -> None:
+    def __init__(self, emb: Any, map: Any = None, toolbar: bool = False, height: str = "520px",
+                 background: Any = None) -> None:
         import ipywidgets
 
         self.emb = emb
+        self.background = background
         self.error: str | None = None
         self.message = ipywidgets.HTML(value="", layout=ipywidgets.Layout(min_height="1.6em"))
         self.map = map
         self._toolbar, self._height = toolbar, height
         try:
             self._check_input(emb)
+            if background is not None:
+                self._check_background(background)
             if self.map is None:
                 from .layers import new_map
 
@@ -106,6 +110,29 @@ class MapApp:
         if "time" in emb.dims:
             emb = emb.isel(time=self.date_index)
         return emb
+
+    @staticmethod
+    def _check_background(background: Any) -> None:
+        from .render import _rgb_unit, as_layer_array
+
+        try:
+            data, _ = as_layer_array(background, "rgb")
+            _rgb_unit(np.asarray(data.values))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"background: {exc}") from None
+
+    def _add_background(self, rgb: Any = None) -> None:
+        """The picture under the app's layers: ``background`` when given, else the PCA colours."""
+        from .layers import add_embedding_layer
+
+        if self.background is not None:
+            add_embedding_layer(self.map, self.background, "background", kind="rgb", opacity=0.9, legend=False)
+            return
+        if rgb is None:
+            from ..analysis import to_rgb
+
+            rgb = to_rgb(self.current())
+        add_embedding_layer(self.map, rgb, "embedding (PCA)", opacity=0.9, legend=False)
 
     # ----- geometry helpers --------------------------------------------------------------
     def cell_of(self, emb: Any, lon: float, lat: float) -> tuple[int, int]:

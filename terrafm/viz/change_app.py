@@ -18,6 +18,7 @@ class ChangeExplorer(MapApp):
 
     Layers: ``change distance`` (continuous, colour bar) and ``changed`` (positions above the
     threshold, red). A bqplot histogram of the distances shows the threshold as a vertical line.
+    A click on the map reports that position's distance and whether it changed.
 
     Parameters
     ----------
@@ -146,6 +147,21 @@ class ChangeExplorer(MapApp):
                             vmin=0.0, vmax=float(np.percentile(values, 99)) or 1.0, opacity=0.7)
         self._draw_changed()
         self._sync_widgets()
+
+    @guarded
+    def click(self, lon: float, lat: float) -> None:
+        """What a map click does: report the clicked position's change distance and verdict."""
+        if self.result is None:
+            raise ValueError("no date pair is shown yet; pick two dates with valid data in common")
+        distance = self.result["distance"].transpose("y", "x")
+        row, col = self.cell_of(distance, lon, lat)
+        value = float(distance.values[row, col])
+        if not np.isfinite(value):
+            raise ValueError(f"the clicked position ({lon:.5f}, {lat:.5f}) is not valid on both dates "
+                             "(cloud or no data); click a coloured cell")
+        verdict = "changed" if value > self.threshold else "unchanged"
+        self.clicked = (row, col)
+        self.show_info(f"({lon:.5f}, {lat:.5f}): distance {value:.3f}, {verdict} at threshold {self.threshold:.3f}.")
 
     @guarded
     def set_threshold(self, threshold: float | str) -> None:

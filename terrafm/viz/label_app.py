@@ -31,6 +31,8 @@ class LabelTool(MapApp):
         Classifier (see :func:`terrafm.analysis.fit_classifier`).
     date : int
         Date index when ``emb`` has a ``time`` dim.
+    background : xr.DataArray, optional
+        RGB picture (y, x, band) shown under the layers instead of the PCA colours.
 
     Attributes
     ----------
@@ -65,9 +67,7 @@ class LabelTool(MapApp):
     def _setup(self) -> None:
         import ipyleaflet
 
-        from ..analysis import to_rgb
-
-        add_embedding_layer(self.map, to_rgb(self.current()), "embedding (PCA)", opacity=0.9, legend=False)
+        self._add_background()
         self.markers = ipyleaflet.LayerGroup(name="labels")
         self.map.add_layer(self.markers)
         self.draw = ipyleaflet.DrawControl(polygon={"shapeOptions": {"color": "#ffffff"}}, rectangle={},

@@ -26,6 +26,9 @@ class SimilarityExplorer(MapApp):
         Passed to :func:`terrafm.analysis.similarity`.
     map : leafmap map, optional
         Draw on this map instead of a new one.
+    background : xr.DataArray, optional
+        An RGB picture (y, x, band; floats in [0, 1] or uint8) shown under the layers instead
+        of the PCA colours, e.g. true colour.
 
     Attributes
     ----------
@@ -55,11 +58,9 @@ class SimilarityExplorer(MapApp):
     def _setup(self) -> None:
         import ipyleaflet
 
-        from ..analysis import to_rgb
-
         self.markers = ipyleaflet.LayerGroup(name="top matches")
         self.map.add_layer(self.markers)
-        add_embedding_layer(self.map, to_rgb(self.current()), "embedding (PCA)", opacity=0.9, legend=False)
+        self._add_background()
         self.show_info("Click the map to find similar places.")
 
     def _controls(self) -> list:
@@ -80,9 +81,7 @@ class SimilarityExplorer(MapApp):
     def set_date(self, index: int) -> None:
         """Search another date (index into ``emb.time``); repeats the last query."""
         self.date_index = int(index)
-        from ..analysis import to_rgb
-
-        add_embedding_layer(self.map, to_rgb(self.current()), "embedding (PCA)", opacity=0.9, legend=False)
+        self._add_background()
         if self.query is not None:
             self.click(*self.query)
 
@@ -131,7 +130,7 @@ class SimilarityExplorer(MapApp):
         for point, score in zip(matches.geometry, matches["similarity"]):
             self.markers.add_layer(ipyleaflet.CircleMarker(
                 location=(point.y, point.x), radius=6, color="#00e5ff", fill_color="#00e5ff",
-                fill_opacity=0.6, weight=2, title=f"{score:.3f}"))
+                fill_opacity=0.6, weight=2, name=f"similarity {score:.3f}"))
         if self.query is not None:
             self.markers.add_layer(ipyleaflet.CircleMarker(
                 location=(self.query[1], self.query[0]), radius=8, color="#ffffff", fill_color="#ff00aa",

@@ -28,6 +28,8 @@ class UmapLink(MapApp):
         2-D projection: UMAP (umap-learn, cosine metric) or PCA (fast preview).
     sample : int
         At most this many valid positions are projected and plotted (random, fixed ``seed``).
+    background : xr.DataArray, optional
+        RGB picture (y, x, band) shown under the layers instead of the PCA colours.
 
     Attributes
     ----------
@@ -75,7 +77,7 @@ class UmapLink(MapApp):
         self.rows, self.cols = rows, cols
         self.coords = self._project(vectors)
         rgb = to_rgb(emb)
-        add_embedding_layer(self.map, rgb, "embedding (PCA)", opacity=0.9, legend=False)
+        self._add_background(rgb)
         colours = np.nan_to_num(rgb.transpose("y", "x", "band").values[rows, cols])
         self.point_colours = [to_hex(c) for c in np.clip(colours, 0, 1)]
         self.show_info(f"{len(rows)} positions; brush the scatter or click the map.")

@@ -78,12 +78,33 @@ def test_similarity_bad_clicks_show_a_message(emb):
     assert app.error is None and app.similarity is not None
 
 
-def test_apps_refuse_an_array_without_crs_visibly(emb):
-    no_crs = emb.drop_vars("spatial_ref")
-    for cls in (SimilarityExplorer, LabelTool, UmapLink):
-        app = cls(no_crs)
+def test_apps_refuse_an_array_without_crs_visibly(emb, series):
+    for cls, data in ((SimilarityExplorer, emb), (LabelTool, emb), (UmapLink, emb), (ChangeExplorer, series)):
+        app = cls(data.drop_vars("spatial_ref"))
         assert _is_error(app, "no CRS", "write_crs"), cls.__name__
         assert app.message in app.widget.children
+
+
+def test_background_rgb_is_shown_and_a_non_rgb_background_is_refused_visibly(emb):
+    import terrafm
+
+    rgb = terrafm.to_rgb(emb)
+    dn = emb.isel(embedding=slice(0, 3)).rename(embedding="band") * 5000  # reflectance DN, not RGB
+    four_band = emb.isel(embedding=slice(0, 5)).rename(embedding="band")
+    for cls in (SimilarityExplorer, LabelTool, UmapLink):
+        app = cls(emb, background=rgb)
+        assert app.error is None, (cls.__name__, app.message.value)
+        layer = get_layer(app.map, "background")
+        assert layer is not None and get_layer(app.map, "embedding (PCA)") is None
+        assert layer.image in app.map.layers
+        bad = cls(emb, background=dn)
+        assert _is_error(bad, "background", "does not look like an RGB", "to_rgb"), cls.__name__
+        assert bad.message in bad.widget.children and get_layer(bad.map, "background") is None
+        assert _is_error(cls(emb, background=four_band), "background", "3 bands")
+    # with a background the similarity click still works on top of it
+    app = SimilarityExplorer(emb, background=rgb)
+    click(app, *cell_lonlat(emb, 3, 4))
+    assert app.error is None and app.query_cell == (3, 4)
 
 
 # ----- ChangeExplorer ----------------------------------------------------------------------------
@@ -129,6 +150,27 @@ def test_change_explorer_bad_pairs_show_a_message(series):
     assert _is_error(app2, "no valid position in common") and app2.pair == (0, 1)
     single = ChangeExplorer(series.isel(time=0))
     assert _is_error(single, "at least two dates")
+
+
+def test_change_explorer_click_reports_the_distance(series):
+    app = ChangeExplorer(series, date_a=0, date_b=1)
+    distance = app.result["distance"].values
+    # inside the swapped block: changed; a float64 re-computation of 1 - cos gives the number shown
+    a = series.isel(time=0).values[2, 16].astype(np.float64)
+    b = series.isel(time=1).values[2, 16].astype(np.float64)
+    expected = 1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    assert distance[2, 16] == pytest.approx(expected, abs=1e-5)
+    click(app, *cell_lonlat(series, 2, 16))
+    assert app.error is None and app.clicked == (2, 16)
+    assert f"distance {expected:.3f}, changed" in app.message.value
+    click(app, *cell_lonlat(series, 10, 3))
+    assert "unchanged" in app.message.value and app.clicked == (10, 3)
+    click(app, *OUTSIDE)
+    assert _is_error(app, "outside the data")
+    # date 2 has no data on the right half: a click there is not valid on both dates
+    app.set_dates(1, 2)
+    click(app, *cell_lonlat(series, 5, 15))
+    assert _is_error(app, "not valid on both dates")
 
 
 # ----- LabelTool ---------------------------------------------------------------------------------
