@@ -1,6 +1,7 @@
-"""The quickstart and change notebooks served by Voila (live kernel, local widget bundles) and
-opened in Debian's headless Chromium through Playwright: the map is not blank, the embedding
-overlay is there, and a slider moved in the page redraws the change layer in the kernel.
+"""The quickstart, change and similarity notebooks served by Voila (live kernel, local widget
+bundles) and opened in Debian's headless Chromium through Playwright: the map is not blank, the
+embedding overlay is there, a slider moved in the page redraws the change layer in the kernel, and
+a mouse click on the map runs a similarity query (a click beside the data shows a message).
 
 Set TERRAFM_UPDATE_SCREENSHOTS=1 to copy the screenshots to docs/ (they are shown in README).
 """
@@ -189,7 +190,8 @@ QUERY_MARKER = "path.leaflet-interactive[fill='#ff00aa']"
 
 def test_similarity_click_in_the_browser(browser_context, voila_env, tmp_path):
     """A real mouse click on the map reaches the kernel: new similarity picture, query marker under the
-    pointer, top-k markers redrawn, and the clicked place has similarity 1 (magma's top colour)."""
+    pointer, top-k markers redrawn, and the clicked place has similarity 1 (magma's top colour).
+    A click beside the data shows the error in the page."""
     from matplotlib import colormaps
 
     top = np.round(np.asarray(colormaps["magma"](1.0)[:3]) * 255).astype(int)
@@ -237,5 +239,12 @@ def test_similarity_click_in_the_browser(browser_context, voila_env, tmp_path):
         assert _near_colour_at(similarity_after, images[-1].bounding_box(), x, y, top), \
             "the clicked place is not at similarity 1 in the new layer"
         _save(page, maps[0], "similarity_click", tmp_path)
+        # a click beside the data: the message line says so, in the page, and the layer stays
+        outside_x = (map_box["x"] + 70 + box["x"]) / 2
+        assert outside_x < box["x"] - 20
+        page.mouse.click(outside_x, box["y"] + box["height"] / 2)
+        page.wait_for_selector(".terrafm-error", timeout=30_000)
+        assert "outside the data" in page.inner_text(".terrafm-error")
+        assert page.query_selector_all("img.leaflet-image-layer")[-1].get_attribute("src") == similarity_after
     finally:
         voila.stop()
