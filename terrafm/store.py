@@ -105,7 +105,7 @@ def open_embedding(path: str | os.PathLike, chunks: dict | str | None = "auto") 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such zarr store; write one with terrafm.embed(..., out='{path}')")
-    ds = xr.open_zarr(path, consolidated=None, decode_coords="all", chunks=chunks)
+    ds = xr.open_zarr(path, consolidated=False, decode_coords="all", chunks=chunks)
     if EMBEDDING_VAR not in ds:
         raise ValueError(f"{path} is not a terrafm embedding store: it has no '{EMBEDDING_VAR}' array "
                          f"(it holds {sorted(ds.data_vars)}); write one with terrafm.embed(..., out=...)")
