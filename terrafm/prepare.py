@@ -75,15 +75,23 @@ def pair_nearest(s2: xr.Dataset, s1: xr.Dataset, window: str | _dt.timedelta = "
                 gaps[i] = t1[j] - t
     has = index >= 0
     take = xr.DataArray(np.where(has, index, 0), dims="time")
-    present = xr.DataArray(has, dims="time", coords={"time": s2.time})
-    out = s2.copy()
+    picked = s1[["vv", "vh", "mask_s1"]].isel(time=take).drop_vars("time", errors="ignore")
+    picked = picked.assign_coords(time=s2.time)
+    new = {}
+    if has.all():  # the common case: no masking pass needed
+        for name in ("vv", "vh"):
+            new[name] = picked[name].astype("float32")
+        new["mask_s1"] = picked["mask_s1"].astype(bool)
+    else:
+        present = xr.DataArray(has, dims="time", coords={"time": s2.time})
+        for name in ("vv", "vh"):
+            new[name] = picked[name].where(present).astype("float32")
+        new["mask_s1"] = (picked["mask_s1"] & present).astype(bool)
     for name in ("vv", "vh"):
-        v = s1[name].isel(time=take).assign_coords(time=s2.time)
-        out[name] = v.where(present).astype("float32")
-        out[name].attrs = dict(s1[name].attrs)
-    out["mask_s1"] = (s1["mask_s1"].isel(time=take).assign_coords(time=s2.time) & present).astype(bool)
-    out["s1_time_gap"] = xr.DataArray(gaps, dims="time", coords={"time": s2.time})
-    out["s1_time_gap"].attrs["description"] = f"S1 minus S2 acquisition time; NaT if none within {window}"
+        new[name].attrs = dict(s1[name].attrs)
+    new["s1_time_gap"] = xr.DataArray(gaps, dims="time", coords={"time": s2.time}, attrs={
+        "description": f"S1 minus S2 acquisition time; NaT if none within {window}"})
+    out = s2.assign(new)
     logger.info("paired %d of %d S2 dates with S1 within %s", int(has.sum()), len(t2), window)
     return out
 

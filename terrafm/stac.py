@@ -229,6 +229,64 @@ def _pc_sign(href: str, refresh: bool = False) -> str:
     return planetary_computer.sign_url(base)
 
 
+def _integer_zoom_read(src, cfg, dst_geobox, selection):
+    """Read the source window behind ``dst_geobox`` when the grids align, else return ``None``.
+
+    Aligned means: same CRS, no rotation, source pixel = k x destination pixel (k a positive
+    integer) and the destination origin an integer number of destination pixels from the
+    source's. Then nearest resampling is an exact k x k repetition of a plain windowed read, which
+    skips odc's reprojection set-up and GDAL's warper (the common case of 10/20/60 m Sentinel-2
+    bands on a 10 m UTM grid). Other cases (bilinear upsampling, another CRS) go through odc.
+    """
+    import rasterio
+    from odc.loader._reader import (nodata_mask, resolve_band_query, resolve_dst_dtype, resolve_dst_nodata,
+                                    resolve_src_nodata, same_nodata)
+
+    if selection is not None or dst_geobox.crs is None:
+        return None
+    dt_ = dst_geobox.transform
+    with rasterio.open(src.uri, "r", sharing=False) as rdr:
+        st = rdr.transform
+        if st.b or st.d or dt_.b or dt_.d or rdr.crs is None:
+            return None
+        k = st.a / dt_.a
+        if abs(k - round(k)) > 1e-9 or round(k) < 1 or abs(st.e / dt_.e - k) > 1e-9:
+            return None
+        k = int(round(k))
+        if k > 1 and not cfg.nearest:
+            return None
+        off_x, off_y = (dt_.c - st.c) / dt_.a, (dt_.f - st.f) / dt_.e
+        if abs(off_x - round(off_x)) > 1e-6 or abs(off_y - round(off_y)) > 1e-6:
+            return None
+        if dst_geobox.crs != rdr.crs:
+            return None
+        bidx = resolve_band_query(src, rdr.count, selection=None)
+        if not isinstance(bidx, int):
+            return None
+        off_x, off_y = int(round(off_x)), int(round(off_y))
+        h, w = dst_geobox.shape.yx
+        i0, i1 = max(0, -off_y), min(h, rdr.height * k - off_y)
+        j0, j1 = max(0, -off_x), min(w, rdr.width * k - off_x)
+        dtype = resolve_dst_dtype(rdr.dtypes[bidx - 1], cfg)
+        if i0 >= i1 or j0 >= j1:
+            return (slice(0, 0), slice(0, 0)), np.empty((0, 0), dtype=dtype)
+        r0, r1 = (off_y + i0) // k, (off_y + i1 - 1) // k + 1
+        c0, c1 = (off_x + j0) // k, (off_x + j1 - 1) // k + 1
+        from rasterio.windows import Window
+
+        pix = rdr.read(bidx, window=Window(c0, r0, c1 - c0, r1 - r0))
+        src_nodata = resolve_src_nodata(rdr.nodatavals[bidx - 1], cfg)
+    if k > 1:
+        pix = np.repeat(np.repeat(pix, k, axis=0), k, axis=1)
+        y, x = off_y + i0 - r0 * k, off_x + j0 - c0 * k
+        pix = pix[y:y + i1 - i0, x:x + j1 - j0]
+    out = pix.astype(dtype, copy=False)
+    dst_nodata = resolve_dst_nodata(out.dtype, cfg, src_nodata)
+    if dst_nodata is not None and not same_nodata(src_nodata, dst_nodata):
+        np.copyto(out, dst_nodata, where=nodata_mask(pix, src_nodata))
+    return (slice(i0, i1), slice(j0, j1)), out
+
+
 def _make_driver(sign: str | None, gdal_options: Mapping[str, str]):
     from odc.loader._rio import RioDriver, RioReader
 
@@ -242,6 +300,10 @@ def _make_driver(sign: str | None, gdal_options: Mapping[str, str]):
                 try:
                     from odc.loader._rio import rio_read
 
+                    if dst is None:
+                        fast = _integer_zoom_read(src, cfg, dst_geobox, selection)
+                        if fast is not None:
+                            return fast
                     return rio_read(src, cfg, dst_geobox, dst=dst, selection=selection)
                 except Exception as err:  # rasterio raises several IO error types
                     text = str(err)

@@ -209,3 +209,32 @@ def test_open_sentinel_with_worldcover(stac_api_url, sentinel_scene):
     assert wc.dtype == np.uint8 and ds.worldcover.dims == ("y", "x")
     assert set(np.unique(wc)) <= {0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100}
     assert (wc > 0).mean() > 0.99
+
+
+def test_aligned_fast_read_equals_odc_reprojection(sentinel_scene, cog_server_url):
+    """terrafm's direct read of aligned 10/20/60 m bands == odc-stac's own nearest reprojection.
+
+    The chip hangs over the scene's top-left corner by an odd number of 10 m pixels, so 20 and
+    60 m pixels are cut at odd offsets and part of the chip is outside every file (fill value).
+    """
+    import odc.stac
+    import pystac
+    from odc.geo.geobox import GeoBox
+    from support import stac_items
+
+    items = [pystac.Item.from_dict(d) for d in stac_items.pc_s2_items(
+        sentinel_scene, include_baseline4=False, href_base=cog_server_url)][:1]
+    left, _, _, top = sentinel_scene.bounds
+    x0, y0 = left - 10 * 37, top + 10 * 13
+    gb = GeoBox.from_bbox((x0, y0 - 2240, x0 + 2240, y0), f"EPSG:{sentinel_scene.epsg}", resolution=10)
+    ours = load(items, geobox=gb, catalog=None, chunks=False, keep_scl=True)
+    bands = list(sensors.S2_BANDS) + ["SCL"]
+    cfg = {"sentinel-2-l2a": {"assets": {b: {"data_type": "uint8" if b == "SCL" else "uint16", "nodata": 0}
+                                         for b in bands}}}
+    ref = odc.stac.load(items, bands=bands, geobox=gb, resampling="nearest", stac_cfg=cfg)
+    for b in bands:
+        np.testing.assert_array_equal(ours[b].values, ref[b].values, err_msg=b)
+    assert (ours.B01.values[0, :13] == 0).all() and (ours.B01.values[0, 13:, 37:] > 0).all()
+    # the 60 m band really is 6 x 6 blocks cut at an odd offset: one block spans rows 13..18
+    b01 = ours.B01.values[0, 13:, 37:]
+    assert (b01[:6, :6] == b01[0, 0]).all() and b01[0, 0] != b01[6, 6]
