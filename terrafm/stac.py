@@ -62,7 +62,10 @@ class TerraFMReadError(RuntimeError):
 def aoi_geometry(aoi: Any):
     """Return a shapely geometry in lon/lat from a bbox, shapely geometry, GeoJSON or GeoDataFrame.
 
-    Raises ``ValueError`` for a bbox that looks like (lat, lon) order or has min > max.
+    Raises ``ValueError`` for a bbox with a latitude outside [-90, 90] (then it is (lat, lon)
+    order) or min > max. Swaps that stay inside [-90, 90] are caught where data tells them apart:
+    :func:`search` retries an empty search with the coordinates swapped, :func:`load` checks the
+    AOI against the item footprints, and both name the fix.
 
     Examples
     --------
@@ -96,6 +99,25 @@ def aoi_geometry(aoi: Any):
             raise ValueError("AOI geometry has latitudes outside [-90, 90]: coordinates must be (lon, lat).")
         return aoi
     raise TypeError(f"unsupported AOI type {type(aoi).__name__}: pass a bbox, shapely geometry, GeoJSON or GeoDataFrame")
+
+
+def _swap_lonlat(geom):
+    """The geometry with x and y exchanged, or ``None`` when that cannot be a (lon, lat) geometry."""
+    import shapely
+
+    swapped = shapely.transform(geom, lambda xy: xy[:, ::-1])
+    _, miny, _, maxy = swapped.bounds
+    return swapped if -90 <= miny <= maxy <= 90 else None
+
+
+def _swap_error(given, swapped, what: str) -> ValueError:
+    west, south, east, north = (round(v, 6) for v in swapped.bounds)
+    return ValueError(
+        f"the AOI {tuple(round(v, 6) for v in given.bounds)} {what}, but the same coordinates read the "
+        f"other way round (bounds {(west, south, east, north)}) do: the AOI looks like (lat, lon) order. "
+        f"Pass (west, south, east, north) = (lon_min, lat_min, lon_max, lat_max), e.g. "
+        f"{(west, south, east, north)}, or swap the geometry's coordinates to (lon, lat)."
+    )
 
 
 def _utm_epsg(lon: float, lat: float) -> int:
@@ -168,6 +190,8 @@ def search(
     Returns
     -------
     list of pystac.Item, sorted by time. Retries 429/5xx with back-off (pystac-client ``max_retries``).
+    An empty result raises ``ValueError``; when the AOI read as (lat, lon) would find items, the
+    error says the coordinates look swapped and gives the corrected bbox.
 
     Examples
     --------
@@ -191,16 +215,27 @@ def search(
         modifier = planetary_computer.sign_inplace
     client = pystac_client.Client.open(endpoint, modifier=modifier,
                                        stac_io=StacApiIO(max_retries=retry, timeout=timeout))
-    items = []
-    for collection, spec in specs.items():
-        terms = dict(query.pop("query", {}) if "query" in query else {}, **query)
-        if max_cloud is not None and spec.modality.startswith("s2"):
-            terms["eo:cloud_cover"] = {"lt": float(max_cloud)}
-        found = list(client.search(collections=[collection], intersects=geom.__geo_interface__,
-                                   datetime=datetime, query=terms or None, max_items=limit).items())
-        logger.info("%s: %d items", collection, len(found))
-        items.extend(found)
+    base_terms = dict(query.pop("query", None) or {}, **query)
+
+    def run(geometry, max_items):
+        found = []
+        for collection, spec in specs.items():
+            terms = dict(base_terms)
+            if max_cloud is not None and spec.modality.startswith("s2"):
+                terms["eo:cloud_cover"] = {"lt": float(max_cloud)}
+            hits = list(client.search(collections=[collection], intersects=geometry.__geo_interface__,
+                                      datetime=datetime, query=terms or None, max_items=max_items).items())
+            logger.info("%s: %d items", collection, len(hits))
+            found.extend(hits)
+        return found
+
+    items = run(geom, limit)
     if not items:
+        # An AOI given as (lat, lon) usually lands where nothing was acquired (or in the sea);
+        # if the swapped reading finds data, say so. Both readings finding data is not flagged.
+        swapped = _swap_lonlat(geom)
+        if swapped is not None and not swapped.equals(geom) and run(swapped, 1):
+            raise _swap_error(geom, swapped, f"finds no items in {list(collections)} between {datetime}")
         raise ValueError(
             f"no items in {list(collections)} for this AOI between {datetime}"
             + (f" with cloud cover < {max_cloud}%" if max_cloud is not None else "")
@@ -345,6 +380,28 @@ def _check_assets(items, spec: sensors.CollectionSpec, keys: list[str]) -> None:
             )
 
 
+def _check_overlap(geom, items) -> None:
+    """Refuse an AOI outside every item footprint, naming a lat/lon swap when that explains it."""
+    import shapely.geometry
+    import shapely.ops
+
+    footprints = [shapely.geometry.shape(i.geometry) if i.geometry else shapely.geometry.box(*i.bbox)
+                  for i in items if i.geometry or i.bbox]
+    if not footprints:
+        return
+    union = shapely.ops.unary_union(footprints)
+    if union.intersects(geom):
+        return
+    swapped = _swap_lonlat(geom)
+    if swapped is not None and union.intersects(swapped):
+        raise _swap_error(geom, swapped, "lies outside every item's footprint")
+    raise ValueError(
+        f"the AOI {tuple(round(v, 6) for v in geom.bounds)} lies outside every item's footprint "
+        f"(items cover {tuple(round(v, 6) for v in union.bounds)}): search with this AOI, or pass the AOI "
+        "the items were searched with"
+    )
+
+
 def _geobox(items, aoi, resolution: float, crs: str | int):
     from odc.geo.geobox import GeoBox
     from odc.geo.geom import Geometry, box
@@ -354,6 +411,7 @@ def _geobox(items, aoi, resolution: float, crs: str | int):
         geom = aoi_geometry((bounds[:, 0].min(), bounds[:, 1].min(), bounds[:, 2].max(), bounds[:, 3].max()))
     else:
         geom = aoi_geometry(aoi)
+        _check_overlap(geom, items)
     west, south, east, north = geom.bounds
     if crs == "utm":
         zones = {_utm_epsg(west, south), _utm_epsg(east, north), _utm_epsg(west, north), _utm_epsg(east, south)}

@@ -238,3 +238,125 @@ def test_aligned_fast_read_equals_odc_reprojection(sentinel_scene, cog_server_ur
     # the 60 m band really is 6 x 6 blocks cut at an odd offset: one block spans rows 13..18
     b01 = ours.B01.values[0, 13:, 37:]
     assert (b01[:6, :6] == b01[0, 0]).all() and b01[0, 0] != b01[6, 6]
+
+
+def _swap(b):
+    return (b[1], b[0], b[3], b[2])
+
+
+def test_latlon_swap_inside_valid_ranges_is_named(stac_api_url, sentinel_scene, items):
+    aoi = sentinel_scene.aoi_bbox                      # about (-77.7, 37.7): both readings are valid lon/lat
+    swapped = _swap(aoi)
+    assert all(abs(v) <= 90 for v in swapped)
+    fixed = str(tuple(round(v, 6) for v in aoi))
+    with pytest.raises(ValueError, match=r"looks like \(lat, lon\) order") as err:
+        search(swapped, f"{sentinel_scene.start}/{sentinel_scene.end}", url=stac_api_url)
+    assert fixed in str(err.value)
+    polygon = {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [[
+        [swapped[0], swapped[1]], [swapped[2], swapped[1]], [swapped[2], swapped[3]], [swapped[0], swapped[3]],
+        [swapped[0], swapped[1]]]]}}
+    with pytest.raises(ValueError, match=r"looks like \(lat, lon\) order"):
+        search(polygon, f"{sentinel_scene.start}/{sentinel_scene.end}", ("sentinel-1-rtc",), url=stac_api_url)
+    with pytest.raises(ValueError, match=r"outside every item's footprint.*\(lat, lon\) order") as err:
+        load(items, swapped)
+    assert fixed in str(err.value)
+    # no false positive: a real place with no data here (Munich) is an ordinary empty search
+    with pytest.raises(ValueError, match="Widen the dates") as err:
+        search((11.5, 48.1, 11.6, 48.2), f"{sentinel_scene.start}/{sentinel_scene.end}", url=stac_api_url)
+    assert "lat, lon" not in str(err.value)
+    with pytest.raises(ValueError, match="outside every item's footprint") as err:
+        load(items, (11.5, 48.1, 11.6, 48.2))
+    assert "lat, lon" not in str(err.value)
+
+
+def test_max_cloud_filters_through_the_api(stac_api_url, sentinel_scene):
+    period = f"{sentinel_scene.start}/{sentinel_scene.end}"
+    found = search(sentinel_scene.aoi_bbox, period, url=stac_api_url, max_cloud=20)
+    s2 = [i for i in found if i.collection_id == "sentinel-2-l2a"]
+    expected = sorted(e["datetime"][:19] for e in sentinel_scene.manifest["s2"]
+                      if e["cloud_cover"] < 20 and e["baseline"] < "04.00")
+    assert 0 < len(expected) < len(sentinel_scene.s2_dates)
+    assert sorted(i.datetime.strftime("%Y-%m-%dT%H:%M:%S") for i in s2) == expected
+    assert all(i.properties["eo:cloud_cover"] < 20 for i in s2)
+    # the limit is not applied to Sentinel-1 (no cloud cover)
+    assert len([i for i in found if i.collection_id == "sentinel-1-rtc"]) == len(sentinel_scene.s1_dates)
+    with pytest.raises(ValueError, match=r"cloud cover < 0%.*raise max_cloud"):
+        search(sentinel_scene.aoi_bbox, period, ("sentinel-2-l2a",), url=stac_api_url, max_cloud=0)
+
+
+def test_geodataframe_shapely_and_geojson_aois_equal_the_bbox(stac_api_url, sentinel_scene):
+    import geopandas as gpd
+    import shapely.geometry
+
+    aoi = sentinel_scene.aoi_bbox
+    period = f"{sentinel_scene.start}/{sentinel_scene.end}"
+    box = shapely.geometry.box(*aoi)
+    gdf = gpd.GeoDataFrame({"name": ["aoi"]}, geometry=[box], crs=4326)
+    forms = {"shapely": box, "geojson": box.__geo_interface__,
+             "feature": {"type": "Feature", "properties": {}, "geometry": box.__geo_interface__},
+             "gdf": gdf, "gdf_3857": gdf.to_crs(3857)}
+    ref_items = search(aoi, period, url=stac_api_url)
+    ref = load(ref_items, aoi, chunks=False)
+    for name, form in forms.items():
+        got = search(form, period, url=stac_api_url)
+        assert [i.id for i in got] == [i.id for i in ref_items], name
+        ds = load(got, form, chunks=False)
+        assert ds.odc.geobox == ref.odc.geobox, name
+    np.testing.assert_array_equal(ds.B04.values, ref.B04.values)
+    assert gdf.crs.to_epsg() == 4326 and forms["gdf_3857"].crs.to_epsg() == 3857  # inputs untouched
+
+
+def test_two_granules_of_one_pass_merge_into_one_date(sentinel_scene, storage_server, cog_server_url):
+    """Two adjacent granules (west and east halves of the scene, 5 s apart) -> one time step whose
+    pixels equal a direct read of the full scene file, across the seam."""
+    import pystac
+    import rasterio.warp
+    from rasterio.windows import Window
+    from support import stac_items
+
+    entry = sentinel_scene.manifest["s2"][0]
+    full = stac_items.pc_s2_items(sentinel_scene, include_baseline4=False, href_base=cog_server_url)[0]
+    split_10m = 510                                   # a multiple of 6: every band splits on a pixel edge
+    halves = []
+    for k, (c0, c1) in enumerate(((0, split_10m), (split_10m, 1020))):
+        item = dict(full, id=f"{full['id']}_granule{k}", assets={}, properties=dict(full["properties"]))
+        item["properties"]["datetime"] = (dt.datetime.fromisoformat(entry["datetime"][:19])
+                                          + dt.timedelta(seconds=5 * k)).isoformat() + "Z"
+        for key, a in entry["assets"].items():
+            f = a["res"] // 10
+            rel = f"granules/{k}/{key}.tif"
+            with rasterio.open(sentinel_scene.root / a["path"]) as src:
+                win = Window(c0 // f, 0, (c1 - c0) // f, src.height)
+                data = src.read(1, window=win)
+                profile = dict(src.profile, width=data.shape[1], transform=src.window_transform(win))
+            (storage_server.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            with rasterio.open(storage_server.root / rel, "w", **profile) as dst:
+                dst.write(data, 1)
+            item["assets"][key] = dict(full["assets"][key], href=f"{cog_server_url}/{rel}",
+                                       **{"proj:transform": list(profile["transform"])[:6],
+                                          "proj:shape": [data.shape[0], data.shape[1]]})
+            if key == "B04":
+                west, south, east, north = rasterio.warp.transform_bounds(
+                    src.crs, "EPSG:4326", *rasterio.transform.array_bounds(*data.shape, profile["transform"]))
+        item["bbox"] = [west, south, east, north]
+        item["geometry"] = shapely_box(west, south, east, north)
+        halves.append(pystac.Item.from_dict(item))
+    ds = load(halves, sentinel_scene.aoi_bbox, catalog=None, chunks=False)
+    assert ds.sizes["time"] == 1
+    gb = ds.odc.geobox
+    seam = sentinel_scene.bounds[0] + split_10m * 10
+    assert gb.boundingbox.left < seam < gb.boundingbox.right        # the AOI straddles the seam
+    for band in ("B04", "B11", "B01"):
+        f = entry["assets"][band]["res"] // 10
+        with rasterio.open(sentinel_scene.root / entry["assets"][band]["path"]) as src:
+            big = np.repeat(np.repeat(src.read(1), f, 0), f, 1)
+        x_off = int(round((gb.transform.c - sentinel_scene.bounds[0]) / 10))
+        y_off = int(round((sentinel_scene.bounds[3] - gb.transform.f) / 10))
+        h, w = gb.shape
+        np.testing.assert_array_equal(ds[band].values[0], big[y_off:y_off + h, x_off:x_off + w], err_msg=band)
+
+
+def shapely_box(west, south, east, north):
+    import shapely.geometry
+
+    return shapely.geometry.mapping(shapely.geometry.box(west, south, east, north))
