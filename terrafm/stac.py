@@ -411,7 +411,6 @@ def _geobox(items, aoi, resolution: float, crs: str | int):
         geom = aoi_geometry((bounds[:, 0].min(), bounds[:, 1].min(), bounds[:, 2].max(), bounds[:, 3].max()))
     else:
         geom = aoi_geometry(aoi)
-        _check_overlap(geom, items)
     west, south, east, north = geom.bounds
     if crs == "utm":
         zones = {_utm_epsg(west, south), _utm_epsg(east, north), _utm_epsg(west, north), _utm_epsg(east, south)}
@@ -421,6 +420,8 @@ def _geobox(items, aoi, resolution: float, crs: str | int):
                 f"crs=<epsg> to put everything on one grid, e.g. crs={min(zones)}"
             )
         crs = zones.pop()
+    if aoi is not None:
+        _check_overlap(geom, items)
     g = Geometry(geom, "EPSG:4326").to_crs(crs)
     geobox = GeoBox.from_geopolygon(g, resolution=resolution)
     if min(geobox.shape) < CHIP_SIZE:
