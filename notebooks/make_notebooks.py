@@ -71,9 +71,12 @@ NOTEBOOKS = {
                  "ds_b = first_date(terrafm.open_sentinel(cfg.bbox, b_start, b_end, **cfg.stac))\n"
                  "ds_b = ds_b.odc.reproject(ds_a.odc.geobox)  # exactly the same grid as season A\n"
                  "import xarray as xr\n"
+                 "# keep what both seasons have (a season may lack a Sentinel-1 pass within its window)\n"
                  "common = [v for v in ds_a.data_vars if v in ds_b.data_vars]\n"
                  "ds = xr.concat([ds_a[common], ds_b[common]], dim=\"time\")\n"
-                 "ds.attrs = ds_a.attrs\n"
+                 "both = [k for k in ds_a.attrs[\"terrafm_modalities\"] if k in ds_b.attrs[\"terrafm_modalities\"]]\n"
+                 "ds.attrs = {**ds_a.attrs, \"terrafm_modalities\": both}\n"
+                 "print(\"modalities on both dates:\", both)\n"
                  "emb = terrafm.embed(ds, **cfg.embed)\n"
                  "emb.sizes"),
         ("code", "result = terrafm.change(emb.isel(time=0), emb.isel(time=1))\n"
