@@ -1,30 +1,43 @@
 """Training-step throughput of TerraFM pretraining against a plain single-modality DINO step.
 
 Both variants use the same backbone, head, optimizer, multi-crop sizes and batch, measured side
-by side in one run (interleaved rounds, so background load hits both alike):
+by side in one run:
 
 - ``terrafm``: modality augmentation (per view and sample, independent for student and
-  teacher, threshold 0.5, over S2 L2A + S2 L1C + S1, selection carried by the masks; fusion
-  where several are chosen) and the dual-centering loss;
-- ``plain_dino``: S2 L2A only through its stem, the usual single DINO center (alpha = 1).
+  teacher, threshold 0.5, over S2 L2A + S2 L1C + S1, selection carried by the masks as
+  ``pretrain.train.collate`` builds them; fusion where several are chosen) and the
+  dual-centering loss (half the samples feed c_h);
+- ``plain_dino``: S2 L2A only through its stem, the usual single DINO center (alpha = 1, c_h
+  never fed).
 
 A step = teacher forward on 2 globals, student forward on 2 globals + J locals, loss, backward,
-per-parameter clip, AdamW step, EMA. Inputs are random normalized tensors (data loading is not
-timed). Peak RSS of each variant is measured in a fresh subprocess. CPU fp32; CUDA bf16 too when
-present.
+per-parameter clip, AdamW step, EMA. Inputs are random normalized tensors generated before
+timing (a few batches, cycled): data loading is not timed.
 
-    python benchmarks/bench_pretrain.py [--configs tiny base] [--steps 3] [--rounds 2]
+Timing: the two variants alternate step by step (ABAB..., order flipped every round) so that
+background load on a shared machine hits both alike; medians over rounds of wall time and of
+process CPU time (less sensitive to other processes than wall time) are reported, with the load
+average before and after.
+
+Peak memory: each variant runs in its own fresh subprocess; after the models, optimizer state
+and one warm-up step exist, the kernel's RSS high-water mark is reset (``/proc/self/clear_refs``)
+and the peak RSS over the timed steps is read from ``VmHWM``. ``MALLOC_MMAP_THRESHOLD_`` is fixed
+in the child so freed tensors go back to the OS and RSS follows the live tensors. On CUDA:
+``torch.cuda.max_memory_allocated`` per variant.
+
+    python benchmarks/bench_pretrain.py [--configs tiny base] [--steps 2] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,46 +48,60 @@ SETUPS = {  # model, batch, global, local, n_local, head (out, hidden, bottlenec
     "base": dict(model="terrafm_base", batch=2, global_size=224, local_size=96, n_local=2,
                  head=(65536, 2048, 256)),
 }
+VARIANTS = ("terrafm", "plain_dino")
 MODALITIES = ("s2_l2a", "s2_l1c", "s1")
 CHANNELS = {"s2_l2a": 12, "s2_l1c": 12, "s1": 2}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_step(setup: dict, variant: str, device: torch.device):
+def make_batches(setup: dict, variant: str, device: torch.device, n_batches: int = 3, seed: int = 0):
+    """``n_batches`` (teacher groups, student groups, frequent) tuples, built before timing."""
     from pretrain.augment import select_modalities
-    from pretrain.head import build_student_teacher, ema_update
-    from pretrain.loss import DualCenteringDINOLoss
-    from pretrain.train import clip_gradients, param_groups
 
-    out_dim, hidden, bottleneck = setup["head"]
-    student, teacher = build_student_teacher(setup["model"], dict(out_dim=out_dim, hidden_dim=hidden,
-                                                                  bottleneck_dim=bottleneck))
-    student, teacher = student.to(device), teacher.to(device).eval()
-    n_crops = 2 + setup["n_local"]
-    alpha = 0.8 if variant == "terrafm" else 1.0
-    loss_fn = DualCenteringDINOLoss(out_dim, n_crops, np.full(10, 0.04), alpha=alpha).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student), lr=1e-4)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     batch = setup["batch"]
-    rng = np.random.default_rng(0)
-    amp = device.type == "cuda"
 
     def group(n_views: int, size: int):
         n = n_views * batch
         if variant == "plain_dino":
-            return {"s2_l2a": torch.rand(n, 12, size, size, device=device)}, {}
+            return {"s2_l2a": torch.rand(n, 12, size, size, generator=gen).to(device)}, {}
         chosen = [select_modalities(MODALITIES, rng) for _ in range(n)]
         inputs, masks = {}, {}
         for key in MODALITIES:
-            keep = torch.tensor([key in c for c in chosen], device=device)
-            if keep.any():
-                inputs[key] = torch.rand(n, CHANNELS[key], size, size, device=device)
-                masks[key] = keep[:, None, None].expand(n, size // 16, size // 16).contiguous()
+            keep = torch.tensor([key in c for c in chosen])
+            if keep.any():  # as collate: every sample's crop is stacked, the mask carries the choice
+                inputs[key] = torch.rand(n, CHANNELS[key], size, size, generator=gen).to(device)
+                masks[key] = keep[:, None, None].expand(n, size // 16, size // 16).contiguous().to(device)
         return inputs, masks
 
-    frequent = torch.tensor([i % 2 == 0 for i in range(batch)], device=device)
+    frequent = torch.tensor([variant == "terrafm" and i % 2 == 0 for i in range(batch)], device=device)
+    return [([group(2, setup["global_size"])],
+             [group(2, setup["global_size"]), group(setup["n_local"], setup["local_size"])],
+             frequent) for _ in range(n_batches)]
+
+
+def make_step(setup: dict, variant: str, device: torch.device):
+    """A closure running one full training step of ``variant`` on pre-built batches."""
+    from pretrain.head import build_student_teacher, ema_update
+    from pretrain.loss import DualCenteringDINOLoss
+    from pretrain.train import clip_gradients, param_groups
+
+    torch.manual_seed(0)
+    out_dim, hidden, bottleneck = setup["head"]
+    student, teacher = build_student_teacher(setup["model"], dict(out_dim=out_dim, hidden_dim=hidden,
+                                                                  bottleneck_dim=bottleneck))
+    student, teacher = student.to(device), teacher.to(device).eval()
+    alpha = 0.8 if variant == "terrafm" else 1.0
+    loss_fn = DualCenteringDINOLoss(out_dim, 2 + setup["n_local"], np.full(10, 0.04), alpha=alpha).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student), lr=1e-4)
+    batches = make_batches(setup, variant, device)
+    amp = device.type == "cuda"
+    count = [0]
 
     def step() -> None:
-        teacher_groups = [group(2, setup["global_size"])]
-        student_groups = [group(2, setup["global_size"]), group(setup["n_local"], setup["local_size"])]
+        teacher_groups, student_groups, frequent = batches[count[0] % len(batches)]
+        count[0] += 1
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             with torch.no_grad():
                 t = teacher(teacher_groups)
@@ -91,59 +118,98 @@ def make_step(setup: dict, variant: str, device: torch.device):
     return step
 
 
-def peak_rss_mb(config: str, variant: str, steps: int, threads: int) -> tuple[float, float]:
-    """Peak RSS of a fresh process running ``steps`` steps, and its growth after the models were built."""
-    code = (f"import torch, resource, sys; sys.path.insert(0, '.'); torch.set_num_threads({threads});"
-            "from benchmarks.bench_pretrain import make_step, SETUPS;"
-            f"s = make_step(SETUPS['{config}'], '{variant}', torch.device('cpu'));"
-            "built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024;"
-            f"[s() for _ in range({steps})];"
-            "print(built, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    built, peak = map(float, out.stdout.strip().splitlines()[-1].split())
-    return peak, peak - built
+def _proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_rss(config: str, variant: str, steps: int) -> None:
+    """(child process) Print peak RSS over ``steps`` steps and its excess over the RSS before them."""
+    step = make_step(SETUPS[config], variant, torch.device("cpu"))
+    step()  # optimizer state and lazily built buffers exist from here on
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _proc_status_mb("VmRSS")
+    for _ in range(steps):
+        step()
+    peak = _proc_status_mb("VmHWM")
+    print(json.dumps({"peak_rss_mb": round(peak, 1), "step_peak_mb": round(peak - before, 1)}))
+
+
+def peak_rss_in_subprocess(config: str, variant: str, steps: int, threads: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--peak-child", config, variant,
+                          str(steps), "--threads", str(threads)],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"peak-memory child {config}/{variant} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_interleaved(steps: dict, rounds: int, steps_per_round: int) -> dict:
+    """Per variant, lists of (wall s, CPU s) per step; variants alternate step by step."""
+    times = {v: {"wall": [], "cpu": []} for v in steps}
+    order = list(steps)
+    for r in range(rounds):
+        for _ in range(steps_per_round):
+            for variant in (order if r % 2 == 0 else order[::-1]):
+                wall, cpu = time.perf_counter(), time.process_time()
+                steps[variant]()
+                times[variant]["wall"].append(time.perf_counter() - wall)
+                times[variant]["cpu"].append(time.process_time() - cpu)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["tiny", "base"], choices=list(SETUPS))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--peak-child", nargs=3, metavar=("CONFIG", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peak_child:
+        config, variant, n = args.peak_child
+        measure_peak_rss(config, variant, int(n))
+        return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    results = []
     for device in devices:
         for config in args.configs:
             setup = SETUPS[config]
-            steps = {v: make_step(setup, v, device) for v in ("terrafm", "plain_dino")}
+            load_before = os.getloadavg()
+            steps = {v: make_step(setup, v, device) for v in VARIANTS}
             for s in steps.values():
                 s()  # warm-up
-            times = {v: [] for v in steps}
-            for _ in range(args.rounds):
-                for variant, s in steps.items():
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        s()
-                    times[variant].append((time.perf_counter() - start) / args.steps)
-            rate = {v: setup["batch"] / statistics.median(t) for v, t in times.items()}
+            times = time_interleaved(steps, args.rounds, args.steps)
             row = {"device": device.type, "config": config, "batch": setup["batch"],
                    "crops": f"2x{setup['global_size']} + {setup['n_local']}x{setup['local_size']}",
-                   "terrafm_samples_s": round(rate["terrafm"], 2),
-                   "plain_dino_samples_s": round(rate["plain_dino"], 2),
-                   "ratio": round(rate["terrafm"] / rate["plain_dino"], 3)}
-            if device.type == "cpu":
-                for v in steps:
-                    peak, step = peak_rss_mb(config, v, 2, args.threads)
-                    row[f"{v}_peak_rss_mb"] = round(peak, 1)
-                    row[f"{v}_step_rss_mb"] = round(step, 1)  # growth above the built models
-                row["rss_ratio"] = round(row["terrafm_peak_rss_mb"] / row["plain_dino_peak_rss_mb"], 3)
-            else:
+                   "steps_per_variant": args.rounds * args.steps}
+            for clock in ("wall", "cpu"):
+                rate = {v: setup["batch"] / statistics.median(t[clock]) for v, t in times.items()}
+                row[f"terrafm_samples_s_{clock}"] = round(rate["terrafm"], 2)
+                row[f"plain_dino_samples_s_{clock}"] = round(rate["plain_dino"], 2)
+                row[f"ratio_{clock}"] = round(rate["terrafm"] / rate["plain_dino"], 3)
+            row["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+            if device.type == "cpu" and not args.no_memory:
+                del steps
+                for v in VARIANTS:
+                    peak = peak_rss_in_subprocess(config, v, 2, args.threads)
+                    row[f"{v}_peak_rss_mb"] = peak["peak_rss_mb"]
+                    row[f"{v}_step_peak_mb"] = peak["step_peak_mb"]  # above models + optimizer state
+                row["step_peak_ratio"] = round(row["terrafm_step_peak_mb"] / row["plain_dino_step_peak_mb"], 3)
+            elif device.type == "cuda":
+                for v, s in steps.items():
+                    torch.cuda.reset_peak_memory_stats()
+                    s()
+                    row[f"{v}_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 row["note"] = "bf16 autocast"
-            results.append(row)
             print(json.dumps(row), flush=True)
-    print("ratio = terrafm samples/s / plain single-modality DINO samples/s (target >= 0.9)")
+    print("ratio = terrafm samples/s / plain single-modality DINO samples/s (target >= 0.9); "
+          "wall and process-CPU clocks, medians of interleaved steps")
 
 
 if __name__ == "__main__":
