@@ -20,8 +20,11 @@ from pretrain.head import build_student_teacher
 from pretrain.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
+# Smoke recipe for 30 steps of batch 8: no warm-ups (they would take the whole run), a fixed sharp
+# teacher temperature for the small K, a fast center, and teacher momentum 0.9995, DINO's advice
+# for small batches (its --momentum_teacher help: "use 0.9995 with batch size of 256").
 SMOKE = ["model.out_dim=64", "model.drop_path_rate=0.1", "optim.base_lr=0.05",
-         "optim.momentum_teacher=0.996", "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0",
+         "optim.momentum_teacher=0.9995", "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0",
          "optim.warmup_teacher_temp_epochs=0", "optim.teacher_temp=0.01", "optim.center_momentum=0.5"]
 
 
@@ -41,16 +44,25 @@ def full_run(majortom, tmp_path_factory):
 
 
 def test_tiny_run_learns_without_collapse(full_run):
-    # loss = H(teacher) + KL(teacher || student). Early on H(teacher) is artificially low (the
-    # centers start at 0) and rises as they converge, which hides learning in the raw loss over
-    # 30 steps; the part the student minimises, KL = loss - mean teacher entropy, must fall.
+    """The DINO loss itself (teacher-student cross-entropy) falls over 30 steps on real patches.
+
+    loss = H(teacher) + KL(teacher || student). Step 1 is scored against an uncentered teacher
+    (c = c_h = 0), which is nearly one-hot (entropy ~0.1 nats), so the loss jumps at step 2 as the
+    centers start to act, and H(teacher) keeps rising while the teacher's outputs spread over the
+    K dims. Hence means over 10 steps: with teacher momentum 0.9995 (DINO's small-batch value) the
+    last 10 losses were 0.84-0.87x the first 10 for seeds 0-3 (e.g. seed 0: 3.74 -> 3.13), while
+    with momentum 0.996 the same comparison rises (3.47 -> 3.92) because the teacher drifts faster
+    than the student catches up. The part the student minimises, KL = loss - H(teacher), must fall
+    too, and the teacher must neither collapse to one dim (H ~ 0) nor to uniform (H ~ log K).
+    """
     losses = np.array(full_run["losses"])
     assert len(losses) == 30 and np.isfinite(losses).all()
+    assert losses[-10:].mean() < 0.95 * losses[:10].mean(), losses
     metrics = pd.read_csv(full_run["out"] / "metrics.csv")
     entropy = metrics[metrics.name == "teacher_entropy"].value.to_numpy()
     assert len(entropy) == 30
     kl = losses - entropy
-    assert kl[-5:].mean() < 0.75 * kl[:5].mean(), kl
+    assert kl[-10:].mean() < 0.75 * kl[:10].mean(), kl
     log_k = math.log(64)
     assert 0.05 * log_k < entropy[-5:].mean() < 0.9 * log_k, entropy
     knn = metrics[metrics.name == "knn_top1"].value.to_numpy()
