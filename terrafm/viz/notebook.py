@@ -235,7 +235,10 @@ def open_pretraining_data(output_dir: str | os.PathLike | None = None) -> Pretra
             sys.path.insert(0, builder_dir)
         from pretrain_majortom_builder import write_bigearthnet_majortom
 
+        import shutil
+
         root = Path(tempfile.mkdtemp(prefix="terrafm_majortom_"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)  # removed when the kernel exits
         info = write_bigearthnet_majortom(root)
         logger.info("built a Major-TOM-format dataset of %d BigEarthNet cells in %s", len(info["cells"]), root)
         out = Path(output_dir) if output_dir is not None else root / "run"

@@ -164,10 +164,12 @@ def test_default_mode_is_planetary_computer_with_released_weights(monkeypatch):
         notebook_mode()
 
 
-def test_pretraining(local_mode):
+def test_pretraining(local_mode, monkeypatch, tmp_path):
     import math
 
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's Major-TOM set and run land in pytest's tmp
     r = run_notebook("06_pretraining.ipynb")
+    assert len(list(tmp_path.glob("terrafm_majortom_*/run/checkpoint.pth"))) == 1
     assert r["mode"] == "local"
     # 15 real DINO steps, all finite; metrics.csv holds the same numbers the loop returned
     assert r["total_iters"] == r["iteration"] == len(r["losses"]) == 15
