@@ -19,8 +19,10 @@ import datetime as _dt
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
@@ -322,6 +324,24 @@ def _integer_zoom_read(src, cfg, dst_geobox, selection):
     return (slice(i0, i1), slice(j0, j1)), out
 
 
+_EAGER = threading.local()
+"""Set by :func:`load` while an eager (``chunks=False``) load runs in the calling thread."""
+
+
+@contextmanager
+def _eager_env(driver):
+    """Enter the driver's GDAL environment once for a whole eager load, not once per band read."""
+    import rasterio
+
+    env = driver.capture_env()
+    with rasterio.Env(**{k: v for k, v in env.items() if not k.startswith("_")}):
+        _EAGER.env = env
+        try:
+            yield env
+        finally:
+            _EAGER.env = None
+
+
 def _make_driver(sign: str | None, gdal_options: Mapping[str, str]):
     from odc.loader._rio import RioDriver, RioReader
 
@@ -355,6 +375,16 @@ def _make_driver(sign: str | None, gdal_options: Mapping[str, str]):
             env = super().capture_env()
             env.update(gdal_options)
             return env
+
+        @contextmanager
+        def restore_env(self, env, load_state):
+            if getattr(_EAGER, "env", None) == env and not env.get("_aws"):  # eager: thread already in ``env``
+                from odc.loader._rio import LocalContext
+
+                yield load_state.local_ctx(LocalContext)
+            else:
+                with super().restore_env(env, load_state) as ctx:
+                    yield ctx
 
         def open(self, src, ctx):
             return _Reader(src, ctx)
@@ -526,9 +556,10 @@ def load(
         cfg = {spec.collection: {"assets": {k: {"data_type": spec.dtype, "nodata": spec.nodata} for k in keys}}}
         if spec.mask_asset:
             cfg[spec.collection]["assets"][spec.mask_asset] = {"data_type": "uint8", "nodata": 0}
-        ds = odc.stac.load(mod_items, bands=keys, geobox=geobox, chunks=chunks, groupby=groupby,
-                           resampling=resampling, driver=driver, stac_cfg=cfg, fail_on_error=True,
-                           **kw)
+        with _eager_env(driver) if chunks is None else nullcontext():
+            ds = odc.stac.load(mod_items, bands=keys, geobox=geobox, chunks=chunks, groupby=groupby,
+                               resampling=resampling, driver=driver, stac_cfg=cfg, fail_on_error=True,
+                               **kw)
         return ds.rename({k: v for k, v in rename.items() if k in ds.data_vars})
 
     parts: dict[str, xr.Dataset] = {}
@@ -583,8 +614,10 @@ def load(
     worldcover = None
     if "worldcover" in by_modality:
         spec = spec_of["worldcover"]
-        wc = odc.stac.load(by_modality["worldcover"], bands=[spec.assets["worldcover"]], geobox=geobox, chunks=chunks,
-                           groupby=groupby, resampling="nearest", driver=driver, fail_on_error=True)
+        with _eager_env(driver) if chunks is None else nullcontext():
+            wc = odc.stac.load(by_modality["worldcover"], bands=[spec.assets["worldcover"]], geobox=geobox,
+                               chunks=chunks, groupby=groupby, resampling="nearest", driver=driver,
+                               fail_on_error=True)
         worldcover = wc[spec.assets["worldcover"]].max("time").astype("uint8").rename("worldcover")
         worldcover.attrs.update(description="ESA WorldCover classes (0 = no data)")
 
