@@ -360,3 +360,57 @@ def shapely_box(west, south, east, north):
     import shapely.geometry
 
     return shapely.geometry.mapping(shapely.geometry.box(west, south, east, north))
+
+
+def test_limit_and_query_terms_reach_every_collection(stac_api_url, sentinel_scene):
+    period = f"{sentinel_scene.start}/{sentinel_scene.end}"
+    few = search(sentinel_scene.aoi_bbox, period, url=stac_api_url, limit=2)
+    assert [i.collection_id for i in few].count("sentinel-2-l2a") == 2
+    assert [i.collection_id for i in few].count("sentinel-1-rtc") == 2
+    ascending = [e["datetime"][:19] for e in sentinel_scene.manifest["s1"]
+                 if e["orbit_state"] == "ascending" and e["datetime"] < sentinel_scene.end]
+    assert 0 < len(ascending) < len(sentinel_scene.s1_dates)
+    # the query extension, as query= and as keyword terms; S2 first so S1 is the second collection
+    for kwargs in ({"query": {"sat:orbit_state": {"eq": "ascending"}}},
+                   {"sat:orbit_state": {"eq": "ascending"}}):
+        found = search(sentinel_scene.aoi_bbox, period, ("sentinel-2-l2a", "sentinel-1-rtc"),
+                       url=stac_api_url, **kwargs)
+        assert all(i.collection_id == "sentinel-1-rtc" for i in found)  # every S2 item is descending
+        assert sorted(i.datetime.strftime("%Y-%m-%dT%H:%M:%S") for i in found) == sorted(ascending)
+
+
+def test_modalities_resolution_and_crs(items, sentinel_scene):
+    ds = load(items, sentinel_scene.aoi_bbox, resolution=20, crs=sentinel_scene.epsg, modalities=["s2_l2a"],
+              chunks=False)
+    assert ds.attrs["terrafm_modalities"] == ["s2_l2a"] and "vv" not in ds and "mask_s1" not in ds
+    gb = ds.odc.geobox
+    assert gb.crs.epsg == sentinel_scene.epsg and gb.resolution.x == 20 and min(gb.shape) >= 224
+    # on the 20 m grid the 20 m band is the file's own pixels
+    path = sentinel_scene.manifest["s2"][0]["assets"]["B11"]["path"]
+    np.testing.assert_array_equal(ds.B11.isel(time=0).values, _direct(sentinel_scene, path, gb))
+    s1 = load(items, sentinel_scene.aoi_bbox, modalities=["s1"])
+    assert s1.attrs["terrafm_modalities"] == ["s1"] and "B02" not in s1
+    assert s1.sizes["time"] == len(sentinel_scene.s1_dates)
+    with pytest.raises(ValueError, match="none of the items carry modalities"):
+        load(items, sentinel_scene.aoi_bbox, modalities=["s2_l1c"])
+
+
+def test_custom_bins_composite_and_pair_window(items, loaded, sentinel_scene):
+    edges = ["2021-06-01", "2021-06-20", "2021-08-01"]
+    comp = prepare.composite(loaded, edges)
+    assert [str(t)[:10] for t in comp.time.values] == ["2021-06-01", "2021-06-20"]
+    t = loaded.time.values
+    for k in range(2):
+        idx = np.flatnonzero((t >= np.datetime64(edges[k])) & (t < np.datetime64(edges[k + 1])))
+        vals = np.where(loaded.mask_s1.values[idx], loaded.vv.values[idx].astype("float64"), np.nan)
+        with np.errstate(all="ignore"):
+            expected = np.nanmedian(vals, axis=0)
+        np.testing.assert_allclose(comp.vv.values[k], expected, rtol=1e-6, equal_nan=True)
+        np.testing.assert_array_equal(comp.count_s1.values[k], loaded.mask_s1.values[idx].sum(0))
+    # a wider pairing window pairs every S2 date; the gaps are the nearest S1 acquisitions
+    wide = load(items, sentinel_scene.aoi_bbox, pair_window=dt.timedelta(days=10))
+    gaps = pd.to_timedelta(wide.s1_time_gap.values)
+    assert not pd.isna(gaps).any() and pd.isna(pd.to_timedelta(loaded.s1_time_gap.values)).sum() == 2
+    s1 = np.array(sentinel_scene.s1_dates, dtype="datetime64[ns]")
+    for t2, gap in zip(wide.time.values.astype("datetime64[ns]"), gaps):
+        assert gap == pd.Timedelta(min(s1 - t2, key=abs))
