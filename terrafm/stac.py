@@ -34,7 +34,7 @@ from . import sensors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["search", "load", "open_sentinel", "save", "TerraFMReadError", "GDAL_HTTP_OPTIONS", "aoi_geometry"]
+__all__ = ["search", "load", "open_sentinel", "save", "TerraFMReadError", "TerraFMSearchError", "GDAL_HTTP_OPTIONS", "aoi_geometry"]
 
 CHIP_SIZE = 224
 """Side of one model chip in pixels; an AOI must be at least this large."""
@@ -56,6 +56,10 @@ _API_RETRY = dict(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 
 
 class TerraFMReadError(RuntimeError):
     """A pixel read failed after retries (asset gone, access denied, corrupt)."""
+
+
+class TerraFMSearchError(RuntimeError):
+    """The STAC API kept failing (5xx/429, or refused the request) after retries with back-off."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,6 +170,7 @@ def search(
     max_cloud: float | None = None,
     limit: int | None = None,
     timeout: float = 60.0,
+    max_retries: int = 5,
     **query: Any,
 ) -> list:
     """Search a STAC API for the items covering ``aoi`` during ``datetime``.
@@ -186,6 +191,11 @@ def search(
         Keep Sentinel-2 items with ``eo:cloud_cover`` below this percentage.
     limit : int, optional
         Maximum number of items per collection.
+    timeout : float
+        Seconds per API request.
+    max_retries : int
+        Retries of a request answered 429/5xx or timed out, with exponential back-off (and the
+        server's ``Retry-After``); then :class:`TerraFMSearchError`.
     **query
         STAC ``query`` extension terms, e.g. ``{"sat:orbit_state": {"eq": "ascending"}}``.
 
@@ -209,14 +219,27 @@ def search(
     geom = aoi_geometry(aoi)
     if not isinstance(datetime, str):
         datetime = "/".join(str(d) for d in datetime)
-    retry = Retry(**_API_RETRY, allowed_methods=None, raise_on_status=False)
+    from pystac_client.exceptions import APIError
+
+    retry = Retry(**dict(_API_RETRY, total=max_retries), allowed_methods=None, raise_on_status=False)
     modifier = None
     if sign == "planetary-computer":
         import planetary_computer
 
         modifier = planetary_computer.sign_inplace
-    client = pystac_client.Client.open(endpoint, modifier=modifier,
-                                       stac_io=StacApiIO(max_retries=retry, timeout=timeout))
+
+    def api_failed(err: APIError) -> TerraFMSearchError:
+        status = getattr(err, "status_code", None)
+        return TerraFMSearchError(
+            f"the STAC API at {endpoint} answered {status or 'an error'}: {str(err)[:300]} (after up to "
+            f"{max_retries} retries with back-off). If it is overloaded (429/5xx), try again later or "
+            "raise max_retries; otherwise check url=/catalog= and the search terms.")
+
+    try:
+        client = pystac_client.Client.open(endpoint, modifier=modifier,
+                                           stac_io=StacApiIO(max_retries=retry, timeout=timeout))
+    except APIError as err:
+        raise api_failed(err) from err
     base_terms = dict(query.pop("query", None) or {}, **query)
 
     def run(geometry, max_items):
@@ -231,7 +254,10 @@ def search(
             found.extend(hits)
         return found
 
-    items = run(geom, limit)
+    try:
+        items = run(geom, limit)
+    except APIError as err:
+        raise api_failed(err) from err
     if not items:
         # An AOI given as (lat, lon) usually lands where nothing was acquired (or in the sea);
         # if the swapped reading finds data, say so. Both readings finding data is not flagged.

@@ -10,7 +10,7 @@ from rasterio.windows import from_bounds
 
 import terrafm
 from terrafm import prepare, sensors
-from terrafm.stac import TerraFMReadError, load, save, search
+from terrafm.stac import TerraFMReadError, TerraFMSearchError, load, save, search
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +414,26 @@ def test_custom_bins_composite_and_pair_window(items, loaded, sentinel_scene):
     s1 = np.array(sentinel_scene.s1_dates, dtype="datetime64[ns]")
     for t2, gap in zip(wide.time.values.astype("datetime64[ns]"), gaps):
         assert gap == pd.Timedelta(min(s1 - t2, key=abs))
+
+
+def test_stac_api_retries_503_and_429(stac_api_url, sentinel_scene, storage_server):
+    """The STAC API itself (behind the fault-injecting proxy) answers 503/429 before succeeding."""
+    api = storage_server.set_api_target(stac_api_url)
+    period = f"{sentinel_scene.start}/{sentinel_scene.end}"
+    direct = search(sentinel_scene.aoi_bbox, period, ("sentinel-2-l2a",), url=stac_api_url)
+    n_before = len(storage_server.requests)
+    storage_server.fail_next("/stac-api/search", (503, 429))   # back-off 0 s, then 1 s
+    try:
+        found = search(sentinel_scene.aoi_bbox, period, ("sentinel-2-l2a",), url=api)
+    finally:
+        storage_server.clear_faults()
+    assert [i.id for i in found] == [i.id for i in direct]
+    statuses = [r[3] for r in storage_server.requests[n_before:] if r[1] == "/stac-api/search"]
+    assert statuses[:3] == [503, 429, 200]
+    # retries exhausted: a clear error naming the endpoint and what to do
+    storage_server.fail_next("/stac-api/search", (503,) * 3)
+    try:
+        with pytest.raises(TerraFMSearchError, match=r"STAC API at .*/stac-api answered 503.*try again later"):
+            search(sentinel_scene.aoi_bbox, period, ("sentinel-2-l2a",), url=api, max_retries=1)
+    finally:
+        storage_server.clear_faults()

@@ -21,6 +21,11 @@ Fault injection (thread-safe, all on :class:`StorageServer`):
 * :meth:`StorageServer.expire_tokens` -- revoke every token issued so far (they "expire"), or do it
   automatically after N authenticated reads with ``expire_tokens(after_reads=N)``.
 * ``requests`` -- a log of (host, path, range, status) for assertions.
+
+API proxy: with :meth:`StorageServer.set_api_target` (e.g. the pgstac API's URL), requests under
+``{url}/stac-api/`` are forwarded there (links in the answers rewritten to point back through the
+proxy), so ``fail_next("/stac-api/search", (503, 429))`` makes the STAC API itself answer errors
+before succeeding.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class _StorageApp:
         self._removals: dict[str, int] = {}
         self._tokens: dict[str, float] = {}  # sig -> expiry (epoch seconds)
         self._expire_after: int | None = None
+        self._api_target: str | None = None
+        self._public_base: str | None = None
 
     # ----- controls (called through /_control/{op}) ------------------------------------------
     def fail_next(self, fragment: str, statuses=(503, 429)) -> None:
@@ -85,6 +92,26 @@ class _StorageApp:
 
     def set_token_ttl(self, seconds: float) -> None:
         self.token_ttl = float(seconds)
+
+    def set_api_target(self, target: str, public_base: str) -> None:
+        """Forward ``/stac-api/...`` to ``target``; links in answers are rewritten to ``public_base``."""
+        self._api_target, self._public_base = target.rstrip("/"), public_base.rstrip("/")
+
+    def _forward(self, method: str, path: str, query: bytes, body: bytes, headers: dict) -> tuple[int, bytes, str]:
+        import urllib.error
+        import urllib.request
+
+        url = self._api_target + path[len("/stac-api"):] + (("?" + query.decode()) if query else "")
+        request = urllib.request.Request(url, data=body or None, method=method, headers={
+            k.decode(): v.decode() for k, v in headers.items() if k.lower() in (b"content-type", b"accept")})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=30) as answer:
+                status, data, ctype = answer.status, answer.read(), answer.headers.get("content-type", "")
+        except urllib.error.HTTPError as err:
+            status, data, ctype = err.code, err.read(), err.headers.get("content-type", "")
+        data = data.replace(self._api_target.encode(), (self._public_base + "/stac-api").encode())
+        return status, data, ctype
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -157,7 +184,8 @@ class _StorageApp:
                 host, path = parts.netloc, parts.path
                 scope = dict(scope, path=path, raw_path=path.encode())
             rel = path.lstrip("/")
-            if not path.startswith("/api/") and (path.endswith("/") or (self.root / rel).is_dir()):
+            is_api = path == "/stac-api" or path.startswith("/stac-api/")
+            if not is_api and not path.startswith("/api/") and (path.endswith("/") or (self.root / rel).is_dir()):
                 # no directory listings (GDAL probes them unless GDAL_DISABLE_READDIR_ON_OPEN)
                 return await Response("not found", status_code=404)(scope, receive, send)
             rng = headers.get(b"range", b"").decode()
@@ -172,6 +200,16 @@ class _StorageApp:
                 self.requests.append((host, path, rng, status))
                 extra = {"Retry-After": "0"} if status in (429, 503) else {}
                 return await Response(f"injected {status}", status_code=status, headers=extra)(scope, receive, send)
+            if is_api and self._api_target:
+                from starlette.concurrency import run_in_threadpool
+                from starlette.requests import Request
+
+                request = Request(scope, receive)
+                body = await request.body()
+                code, data, ctype = await run_in_threadpool(
+                    self._forward, scope["method"], path, scope.get("query_string", b""), body, headers)
+                self.requests.append((host, path, rng, code))
+                return await Response(data, status_code=code, media_type=ctype or None)(scope, receive, send)
             if host.endswith(".blob.core.windows.net") and not path.startswith("/api/sas"):
                 if not self._check_token(scope.get("query_string", b"")):
                     self.requests.append((host, path, rng, 403))
@@ -237,6 +275,11 @@ class StorageServer:
 
     def set_token_ttl(self, seconds: float) -> None:
         self._post("set_token_ttl", seconds=seconds)
+
+    def set_api_target(self, target: str) -> str:
+        """Proxy ``/stac-api/`` to the STAC API at ``target``; returns the proxied API's URL."""
+        self._post("set_api_target", target=target, public_base=self.url)
+        return f"{self.url}/stac-api"
 
     @property
     def requests(self) -> list:
