@@ -1,6 +1,7 @@
 """terrafm.stac / terrafm.prepare against the real local stack (pgstac API, COG server, SAS tokens)."""
 
 import datetime as dt
+import time
 
 import numpy as np
 import pandas as pd
@@ -437,3 +438,27 @@ def test_stac_api_retries_503_and_429(stac_api_url, sentinel_scene, storage_serv
             search(sentinel_scene.aoi_bbox, period, ("sentinel-2-l2a",), url=api, max_retries=1)
     finally:
         storage_server.clear_faults()
+
+
+def test_token_near_expiry_is_renewed_before_reading(stac_api_url, sentinel_scene, storage_server):
+    """Items are signed at read time, so a token with under a minute left is replaced before use."""
+    from planetary_computer.sas import TOKEN_CACHE
+
+    found = search(sentinel_scene.aoi_bbox, "2021-06-01/2021-06-10", ("sentinel-2-l2a",), url=stac_api_url)
+    ds = load(found, sentinel_scene.aoi_bbox)
+    storage_server.set_token_ttl(62)
+    TOKEN_CACHE.clear()
+    try:
+        first = ds.B04.values                         # signs with a fresh 62 s token
+        issued = storage_server.tokens_issued
+        n_before = len(storage_server.requests)
+        time.sleep(2.5)                                # now under 60 s left: "near expiry"
+        second = ds.B08.values
+        assert storage_server.tokens_issued > issued
+        assert all(r[3] != 403 for r in storage_server.requests[n_before:])   # renewed, not failed
+    finally:
+        storage_server.set_token_ttl(3600)
+        TOKEN_CACHE.clear()
+    entry = sentinel_scene.manifest["s2"][0]["assets"]
+    np.testing.assert_array_equal(first[0], _direct(sentinel_scene, entry["B04"]["path"], ds.odc.geobox))
+    np.testing.assert_array_equal(second[0], _direct(sentinel_scene, entry["B08"]["path"], ds.odc.geobox))
