@@ -116,13 +116,13 @@ def _swap_lonlat(geom):
     return swapped if -90 <= miny <= maxy <= 90 else None
 
 
-def _swap_error(given, swapped, what: str) -> ValueError:
+def _swap_error(given, swapped, what: str, otherwise: str = "") -> ValueError:
     west, south, east, north = (round(v, 6) for v in swapped.bounds)
     return ValueError(
         f"the AOI {tuple(round(v, 6) for v in given.bounds)} {what}, but the same coordinates read the "
         f"other way round (bounds {(west, south, east, north)}) do: the AOI looks like (lat, lon) order. "
         f"Pass (west, south, east, north) = (lon_min, lat_min, lon_max, lat_max), e.g. "
-        f"{(west, south, east, north)}, or swap the geometry's coordinates to (lon, lat)."
+        f"{(west, south, east, north)}, or swap the geometry's coordinates to (lon, lat)." + otherwise
     )
 
 
@@ -263,7 +263,8 @@ def search(
         # if the swapped reading finds data, say so. Both readings finding data is not flagged.
         swapped = _swap_lonlat(geom)
         if swapped is not None and not swapped.equals(geom) and run(swapped, 1):
-            raise _swap_error(geom, swapped, f"finds no items in {list(collections)} between {datetime}")
+            raise _swap_error(geom, swapped, f"finds no items in {list(collections)} between {datetime}",
+                              " If the AOI is right as given, widen the dates or raise max_cloud.")
         raise ValueError(
             f"no items in {list(collections)} for this AOI between {datetime}"
             + (f" with cloud cover < {max_cloud}%" if max_cloud is not None else "")
