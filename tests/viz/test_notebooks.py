@@ -51,6 +51,7 @@ _report(names=names, n_train=clf.report["n_train"], accuracy=clf.report.get("acc
 """,
     "06_pretraining.ipynb": """
 import numpy as _np
+import torch
 from terrafm.model import create_model as _create, load_weights as _load
 from pretrain.head import build_student_teacher as _pair
 _fresh = _create(train_cfg.model.name).eval()
@@ -168,6 +169,9 @@ def test_pretraining(local_mode, monkeypatch, tmp_path):
     import math
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's Major-TOM set and run land in pytest's tmp
+    # one torch thread: tiny tensors gain nothing from two, and on a busy 2-core runner two
+    # spinning OpenMP threads made the 15 steps several times slower
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     r = run_notebook("06_pretraining.ipynb")
     assert len(list(tmp_path.glob("terrafm_majortom_*/run/checkpoint.pth"))) == 1
     assert r["mode"] == "local"
