@@ -88,6 +88,9 @@ _report(mode=setup.mode, losses=[float(v) for v in losses], csv_loss=curves["los
 def local_mode(stac_api_url, monkeypatch_module):
     monkeypatch_module.setenv("TERRAFM_NOTEBOOK_MODE", "local")
     monkeypatch_module.setenv("TERRAFM_STAC_URL", stac_api_url)
+    # kernels with one torch/OpenMP thread: tiny models gain little from two, and on a busy
+    # 2-core runner spinning OpenMP threads slow them down several times
+    monkeypatch_module.setenv("OMP_NUM_THREADS", "1")
     return stac_api_url
 
 
@@ -169,9 +172,6 @@ def test_pretraining(local_mode, monkeypatch, tmp_path):
     import math
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's Major-TOM set and run land in pytest's tmp
-    # one torch thread: tiny tensors gain nothing from two, and on a busy 2-core runner two
-    # spinning OpenMP threads made the 15 steps several times slower
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     r = run_notebook("06_pretraining.ipynb")
     assert len(list(tmp_path.glob("terrafm_majortom_*/run/checkpoint.pth"))) == 1
     assert r["mode"] == "local"
