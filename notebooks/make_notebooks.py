@@ -188,7 +188,8 @@ NOTEBOOKS = {
                "trained, coloured by PCA."),
         ("code", "cfg = open_notebook_area(\"pretraining\")\n"
                  "ds = first_date(terrafm.open_sentinel(cfg.bbox, cfg.start, cfg.end, **cfg.stac))\n"
-                 "emb = terrafm.embed(ds, **{**cfg.embed, \"model\": model, \"weights\": None})\n"
+                 "trained = [k for k in train_cfg.data.modalities if k in ds.attrs[\"terrafm_modalities\"]]  # stems it learned\n"
+                 "emb = terrafm.embed(ds, **{**cfg.embed, \"model\": model, \"weights\": None, \"modalities\": trained})\n"
                  "m = viz.new_map(emb, toolbar=cfg.toolbar)\n"
                  "viz.add_embedding_layer(m, terrafm.to_rgb(emb, method=\"pca\"), \"pretrained embedding (PCA)\", opacity=0.85)\n"
                  "m"),
