@@ -634,7 +634,8 @@ def load(
         spec = spec_of["s1"]
         keys = [spec.assets[b] for b in sensors.S1_BANDS]
         ds = _load(by_modality["s1"], spec, keys, {v: k for k, v in spec.assets.items()})
-        ds["mask_s1"] = (ds.vv != spec.nodata) & (ds.vh != spec.nodata) & np.isfinite(ds.vv) & np.isfinite(ds.vh)
+        vv, vh = ds.vv.data, ds.vh.data  # numpy or dask: one expression, no per-operator xarray overhead
+        ds["mask_s1"] = (ds.vv.dims, (vv != spec.nodata) & (vh != spec.nodata) & np.isfinite(vv) & np.isfinite(vh))
         for b in sensors.S1_BANDS:
             ds[b].attrs.update(modality="s1", units="linear power")
         parts["s1"] = ds
@@ -650,7 +651,8 @@ def load(
 
     s2_keys = [m for m in ("s2_l2a", "s2_l1c") if m in parts]
     if s2_keys and "s1" in parts and pair_window is not None:
-        s2 = xr.merge([parts[m] for m in s2_keys], join="outer", compat="override")
+        s2 = (parts[s2_keys[0]] if len(s2_keys) == 1
+              else xr.merge([parts[m] for m in s2_keys], join="outer", compat="override"))
         out = prepare.pair_nearest(s2, parts["s1"], window=pair_window)
     else:
         out = xr.merge(list(parts.values()), join="outer", compat="override") if parts else xr.Dataset()
