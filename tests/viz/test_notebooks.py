@@ -181,8 +181,9 @@ def test_pretraining(local_mode, monkeypatch, tmp_path):
     r = run_notebook("06_pretraining.ipynb")
     assert len(list(tmp_path.glob("terrafm_majortom_*/run/checkpoint.pth"))) == 1
     assert r["mode"] == "local"
-    # 15 real DINO steps, all finite; metrics.csv holds the same numbers the loop returned
-    assert r["total_iters"] == r["iteration"] == len(r["losses"]) == 15
+    # the whole short run (5 epochs of tiny_cpu, 15 steps today), all finite; metrics.csv holds
+    # the same numbers the loop returned
+    assert r["total_iters"] == r["iteration"] == len(r["losses"]) and 5 <= len(r["losses"]) <= 30
     assert all(math.isfinite(v) and 0 < v < 2 * math.log(256) for v in r["losses"])
     assert r["csv_loss"] == pytest.approx(r["losses"], rel=1e-6)
     # the export loads strictly (trained fusion included) and is the teacher, bit for bit
@@ -214,4 +215,5 @@ def test_pretraining_default_mode_names_the_download(monkeypatch, tmp_path):
     from pretrain.config import load_config
 
     cfg = load_config(setup.config, setup.overrides)
-    assert cfg.total_iters == 160 and cfg.data.modalities == ["s2_l2a"] and cfg.model.name == "terrafm_tiny"
+    assert cfg.total_iters == 10 * (128 // cfg.optim.batch_size)
+    assert cfg.data.modalities == ["s2_l2a"] and cfg.model.name == "terrafm_tiny"
