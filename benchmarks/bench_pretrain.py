@@ -10,8 +10,8 @@ by side in one run:
 - ``plain_dino``: S2 L2A only through its stem, the usual single DINO center (alpha = 1, c_h
   never fed).
 
-A step = teacher forward on 2 globals, student forward on 2 globals + J locals, loss, backward,
-per-parameter clip, AdamW step, EMA. Inputs are random normalized tensors generated before
+A step = teacher forward on 2 globals (``pretrain.head.teacher_forward``, as in training),
+student forward on 2 globals + J locals, loss, backward, per-parameter clip, AdamW step, EMA. Inputs are random normalized tensors generated before
 timing (a few batches, cycled): data loading is not timed.
 
 Timing: the two variants alternate step by step (ABAB..., order flipped every round) so that
@@ -83,7 +83,7 @@ def make_batches(setup: dict, variant: str, device: torch.device, n_batches: int
 
 def make_step(setup: dict, variant: str, device: torch.device):
     """A closure running one full training step of ``variant`` on pre-built batches."""
-    from pretrain.head import build_student_teacher, ema_update
+    from pretrain.head import build_student_teacher, ema_update, teacher_forward
     from pretrain.loss import DualCenteringDINOLoss
     from pretrain.train import clip_gradients, param_groups
 
@@ -103,8 +103,7 @@ def make_step(setup: dict, variant: str, device: torch.device):
         teacher_groups, student_groups, frequent = batches[count[0] % len(batches)]
         count[0] += 1
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            with torch.no_grad():
-                t = teacher(teacher_groups)
+            t = teacher_forward(teacher, teacher_groups)
             s = student(student_groups)
         loss = loss_fn(s.float(), t.float(), 0, frequent)
         optimizer.zero_grad(set_to_none=True)
@@ -190,8 +189,8 @@ def main() -> None:
                    "steps_per_variant": args.rounds * args.steps}
             for clock in ("wall", "cpu"):
                 rate = {v: setup["batch"] / statistics.median(t[clock]) for v, t in times.items()}
-                row[f"terrafm_samples_s_{clock}"] = round(rate["terrafm"], 2)
-                row[f"plain_dino_samples_s_{clock}"] = round(rate["plain_dino"], 2)
+                row[f"terrafm_samples_s_{clock}"] = float(f"{rate['terrafm']:.4g}")
+                row[f"plain_dino_samples_s_{clock}"] = float(f"{rate['plain_dino']:.4g}")
                 row[f"ratio_{clock}"] = round(rate["terrafm"] / rate["plain_dino"], 3)
             row["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
             if device.type == "cpu" and not args.no_memory:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["DINOHead", "DINONetwork", "build_student_teacher", "ema_update"]
+__all__ = ["DINOHead", "DINONetwork", "build_student_teacher", "ema_update", "teacher_forward"]
 
 
 class DINOHead(nn.Module):
@@ -95,3 +95,27 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1.0 - momentum)
+
+
+def teacher_forward(teacher: nn.Module, groups) -> torch.Tensor:
+    """Teacher head outputs for a list of ``(inputs, masks)`` groups, recording no gradient.
+
+    Grad mode stays on, and nothing is recorded because neither the teacher's parameters nor
+    the inputs require grad: under ``torch.no_grad`` the TerraFM backbone switches to its
+    inference path, which folds the stem's linear maps in float64 and caches them until a
+    weight changes, and the EMA changes the teacher's weights every step, so that fold would be
+    recomputed at every step (most of the teacher's time for TerraFM-B on CPU).
+
+    Examples
+    --------
+    >>> s, t = build_student_teacher("terrafm_tiny", dict(out_dim=32, hidden_dim=16, bottleneck_dim=8))
+    >>> out = teacher_forward(t.eval(), [({"s1": torch.rand(2, 2, 32, 32)}, {})])
+    >>> out.shape, out.requires_grad
+    (torch.Size([2, 32]), False)
+    """
+    with torch.enable_grad():
+        out = teacher(groups)
+    if out.requires_grad:
+        raise RuntimeError("teacher parameters require grad; build the pair with build_student_teacher "
+                           "(which freezes the teacher) or set requires_grad=False on them")
+    return out
