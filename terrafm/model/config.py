@@ -86,7 +86,17 @@ _REGISTRY: dict[str, Callable[[], ModelConfig]] = {}
 
 
 def register_model(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
-    """Register a function returning a :class:`ModelConfig` under its function name."""
+    """Register a function returning a :class:`ModelConfig` under its function name.
+
+    Examples
+    --------
+    >>> @register_model
+    ... def terrafm_base_s1_only() -> ModelConfig:
+    ...     return dataclasses.replace(terrafm_base(), name="terrafm_base_s1_only", modalities=("s1",))
+    >>> get_config("terrafm_base_s1_only").modalities
+    ('s1',)
+    >>> _ = _REGISTRY.pop("terrafm_base_s1_only")
+    """
     _REGISTRY[fn.__name__] = fn
     return fn
 
@@ -103,7 +113,14 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def get_config(name: str, **overrides) -> ModelConfig:
-    """The registered config ``name`` with ``overrides`` applied (e.g. ``drop_path_rate=0.1``)."""
+    """The registered config ``name`` with ``overrides`` applied (e.g. ``drop_path_rate=0.1``).
+
+    Examples
+    --------
+    >>> cfg = get_config("terrafm_base", drop_path_rate=0.1)
+    >>> cfg.embed_dim, cfg.depth, cfg.drop_path_rate
+    (768, 12, 0.1)
+    """
     if name not in _REGISTRY:
         raise KeyError(f"unknown TerraFM model {name!r}; registered: {list_models()}")
     config = _REGISTRY[name]()

@@ -40,6 +40,11 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
     ``"auto"`` is bf16 on CUDA GPUs that support it, else fp16 on CUDA and MPS, and fp32 on
     CPU (CPU autocast is slower than fp32 on most machines).
+
+    Examples
+    --------
+    >>> autocast_dtype(torch.device("cpu")) is None, autocast_dtype(torch.device("cpu"), "bf16")
+    (True, torch.bfloat16)
     """
     if precision in ("fp32", "float32", None):
         return None

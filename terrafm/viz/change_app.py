@@ -41,7 +41,7 @@ class ChangeExplorer(MapApp):
     Examples
     --------
     >>> app = ChangeExplorer(emb)                  # doctest: +SKIP
-    >>> app.set_dates(0, 3); app.set_threshold(0.2)  # doctest: +SKIP  (what the widgets do)
+    >>> app.set_dates(0, 3); app.set_threshold(0.2)  # what the widgets do  # doctest: +SKIP
     >>> float(app.result["changed"].mean())        # doctest: +SKIP
     """
 

@@ -92,7 +92,15 @@ def zoom_to(m: Any, bounds: tuple, width_px: int = 800, height_px: int = 480) ->
 
 
 def legend_html(name: str, legend: dict) -> str:
-    """HTML of a legend (class swatches) or a colour bar (gradient with its range)."""
+    """HTML of a legend (class swatches) or a colour bar (gradient with its range).
+
+    Examples
+    --------
+    >>> html_text = legend_html("similarity", {"type": "colorbar", "stops": ["#000004", "#fcfdbf"],
+    ...                                       "vmin": 0.0, "vmax": 1.0})
+    >>> "terrafm-colorbar" in html_text and ">1</span>" in html_text
+    True
+    """
     title = f"<div style='font-weight:600;margin-bottom:2px'>{html.escape(name)}</div>"
     box = "background:rgba(255,255,255,0.88);padding:4px 8px;border-radius:4px;font:12px sans-serif;"
     if legend.get("type") == "colorbar":
@@ -121,7 +129,14 @@ def _registry(m: Any) -> dict:
 
 
 def get_layer(m: Any, name: str) -> EmbeddingLayer | None:
-    """The :class:`EmbeddingLayer` called ``name`` on ``m`` (None if absent)."""
+    """The :class:`EmbeddingLayer` called ``name`` on ``m`` (None if absent).
+
+    Examples
+    --------
+    >>> add_embedding_layer(m, to_rgb(emb), "pca")                           # doctest: +SKIP
+    >>> get_layer(m, "pca").kind                                              # doctest: +SKIP
+    'rgb'
+    """
     return _registry(m).get(name)
 
 

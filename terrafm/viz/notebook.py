@@ -67,7 +67,7 @@ def notebook_mode() -> str:
 
     Examples
     --------
-    >>> notebook_mode()  # doctest: +SKIP  (with TERRAFM_NOTEBOOK_MODE unset)
+    >>> notebook_mode()  # with TERRAFM_NOTEBOOK_MODE unset  # doctest: +SKIP
     'planetary-computer'
     """
     mode = os.environ.get(MODE_VARIABLE, "planetary-computer").strip().lower() or "planetary-computer"

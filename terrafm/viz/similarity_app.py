@@ -41,8 +41,8 @@ class SimilarityExplorer(MapApp):
     Examples
     --------
     >>> app = SimilarityExplorer(emb, k=10)       # doctest: +SKIP
-    >>> app                                       # doctest: +SKIP  (click the map)
-    >>> app.click(13.40, 52.52); app.matches      # doctest: +SKIP  (what a click does)
+    >>> app  # click the map  # doctest: +SKIP
+    >>> app.click(13.40, 52.52); app.matches  # what a click does  # doctest: +SKIP
     """
 
     def __init__(self, emb: Any, k: int = 10, metric: str = "cosine", map: Any = None, **kwargs: Any) -> None:
