@@ -78,6 +78,18 @@ class CrossAttentionFusion(nn.Module):
         -------
         Tensor (P, D)
         """
+        if valid is not None:
+            count = valid.sum(dim=1)
+            multi = count > 1
+            if not bool(multi.all()):
+                # attention only where two or more modalities are valid: elsewhere the output is
+                # the single valid value (exactly) or zero, whatever the attention would give
+                single = (values * valid.unsqueeze(-1).to(values.dtype)).sum(dim=1)
+                out = torch.where((count == 1).unsqueeze(-1), single, torch.zeros_like(single))
+                if bool(multi.any()):
+                    rows = multi.nonzero().squeeze(1)
+                    out = out.index_copy(0, rows, self.forward(keys[rows], values[rows], valid[rows]).to(out.dtype))
+                return out
         positions, n_mod, dim = values.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         queries = self.query_proj(self.queries)                          # (Nq, D)
