@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CrossAttentionFusion"]
@@ -93,8 +92,7 @@ class CrossAttentionFusion(nn.Module):
         positions, n_mod, dim = values.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         queries = self.query_proj(self.queries)                          # (Nq, D)
-        q = queries.view(1, self.num_queries, heads, head_dim).transpose(1, 2)
-        q = q.expand(positions, -1, -1, -1)                               # (P, H, Nq, hd)
+        q = queries.view(self.num_queries, heads, head_dim).transpose(0, 1)  # (H, Nq, hd)
         k = keys.view(positions, n_mod, heads, head_dim).transpose(1, 2)  # (P, H, M, hd)
         v = values.view(positions, n_mod, heads, head_dim).transpose(1, 2)
         mask = None
@@ -103,7 +101,12 @@ class CrossAttentionFusion(nn.Module):
             # rows with no valid key attend to everything (finite) and are zeroed below
             safe = valid | ~any_valid
             mask = safe.view(positions, 1, 1, n_mod)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (P, H, Nq, hd)
+        # attention over M <= 3 keys written out: a fused attention kernel's per-(position, head)
+        # set-up costs more than these few products at B*N positions (forward and backward)
+        scores = torch.einsum("hqd,phmd->phqm", q, k) * head_dim ** -0.5  # (P, H, Nq, M)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        attended = scores.softmax(dim=-1).to(v.dtype) @ v                # (P, H, Nq, hd)
         attended = attended.transpose(1, 2).reshape(positions, self.num_queries, dim)
         weights = torch.softmax(attended @ self.score.to(attended.dtype), dim=-1)  # (P, Nq)
         fused = torch.einsum("pq,pqd->pd", weights, attended)
