@@ -80,7 +80,17 @@ def _normalize_tile(stored: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarra
 
 def read_cell_stats(path: str | Path | None):
     """Per-cell priors table (columns ``grid_cell`` and any of ``worldcover, climate, region,
-    ocean_fraction``) from CSV or parquet, indexed by ``grid_cell``; None passes through."""
+    ocean_fraction``) from CSV or parquet, indexed by ``grid_cell``; None passes through.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "cells.csv")
+    >>> import pandas as pd
+    >>> pd.DataFrame({"grid_cell": ["1U_2R", "1U_3R"], "worldcover": [10, 80]}).to_csv(path, index=False)
+    >>> int(read_cell_stats(path).loc["1U_3R", "worldcover"])
+    80
+    """
     if path is None:
         return None
     import pandas as pd

@@ -48,6 +48,13 @@ def export_teacher(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m pretrain.export checkpoint.pth out.pth``.
+
+    Examples
+    --------
+    >>> main(["runs/terrafm/checkpoint.pth", "terrafm_pretrained.pth"])       # doctest: +SKIP
+    0
+    """
     parser = argparse.ArgumentParser(description="Export a TerraFM teacher backbone for inference")
     parser.add_argument("checkpoint")
     parser.add_argument("out")

@@ -92,7 +92,17 @@ def build_student_teacher(model_name: str, head_kwargs: dict, drop_path_rate: fl
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
+
+    Examples
+    --------
+    >>> teacher, student = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = teacher.weight.fill_(1.0), student.weight.fill_(0.0)
+    >>> ema_update(teacher, student, 0.996)
+    >>> round(teacher.weight.item(), 6)
+    0.996
+    """
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1.0 - momentum)
 

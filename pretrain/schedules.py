@@ -52,6 +52,15 @@ def build_schedules(optim, epochs: int, iters_per_epoch: int, global_batch: int)
 
     lr peaks at ``base_lr * global_batch / 256`` after ``warmup_epochs``; weight decay and
     teacher momentum follow cosines without warm-up; teacher temperature ramps linearly.
+
+    Examples
+    --------
+    >>> from pretrain.config import OptimSection
+    >>> s = build_schedules(OptimSection(), epochs=150, iters_per_epoch=10, global_batch=1024)
+    >>> s["lr"].shape, round(float(s["lr"].max()), 6)           # 1e-4 * 1024 / 256
+    ((1500,), 0.0004)
+    >>> round(float(s["wd"][0]), 3), round(float(s["wd"][-1]), 3), float(s["teacher_temp"][50 * 10])
+    (0.04, 0.4, 0.06)
     """
     peak = optim.base_lr * global_batch / 256.0
     return {
