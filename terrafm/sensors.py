@@ -274,24 +274,23 @@ def normalize(x: Any, modality: str, channel_axis: int = -3, inplace: bool = Fal
     """
     spec = get_modality(modality)
     _check_channels(x, spec, channel_axis)
-    if inplace:
-        if not (isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)):
-            raise TypeError("normalize(inplace=True) needs a floating numpy array; pass inplace=False")
-        mean = _stat_array(spec.mean, x, channel_axis)
-        std = _stat_array(spec.std, x, channel_axis)
-        if spec.to_db:
-            np.maximum(x, DB_FLOOR, out=x)
-            np.log10(x, out=x)
-            x *= 10.0
-        x -= mean - 2.0 * std
-        x /= 4.0 * std
-        return x
-    x = _as_float(x)
+    if inplace and not (isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)):
+        raise TypeError("normalize(inplace=True) needs a floating numpy array; pass inplace=False")
+    x = x if inplace else _as_float(x)
     if spec.to_db:
-        x = linear_to_db(x)
+        if inplace:
+            np.log10(np.maximum(x, DB_FLOOR, out=x), out=x)
+            x *= 10.0
+        else:
+            x = linear_to_db(x)
     mean = _stat_array(spec.mean, x, channel_axis)
     std = _stat_array(spec.std, x, channel_axis)
-    return (x - (mean - 2.0 * std)) / (4.0 * std)
+    low, scale = mean - 2.0 * std, 4.0 * std
+    if inplace:
+        x -= low
+        x /= scale
+        return x
+    return (x - low) / scale
 
 
 def denormalize(x: Any, modality: str, channel_axis: int = -3):
