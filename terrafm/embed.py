@@ -102,7 +102,7 @@ def prepare_inputs(ds: xr.Dataset, modalities: Sequence[str] | None = None,
             stack, mask = prepare.stack_bands(ds, key)
             found[key] = ModalityInput(stack, mask.transpose(*lead, "y", "x"), raw=True)
     if not found:
-        prepare.normalize(ds)  # raises the "no modality found" error, naming the fix
+        raise prepare.no_modality_error(ds)
     return found, has_time
 
 

@@ -122,7 +122,8 @@ def _read_windows(arrays: list, y0: int, x0: int, h: int, w: int, fills: list, s
     ``fills``; lazy arrays are computed together so they share their reads."""
     H, W = arrays[0].shape[-2:]
     ys, ye, xs, xe = max(0, y0), min(H, y0 + h), max(0, x0), min(W, x0 + w)
-    parts = [getattr(a[..., ys:ye, xs:xe], "data", a[..., ys:ye, xs:xe]) for a in arrays]
+    windows = [a[..., ys:ye, xs:xe] for a in arrays]
+    parts = [getattr(window, "data", window) for window in windows]
     lazy = [i for i, p in enumerate(parts) if hasattr(p, "compute")]
     if lazy:
         import dask

@@ -193,6 +193,15 @@ def detect_modalities(ds: xr.Dataset) -> list[str]:
     return [k for k in sensors.MODALITY_KEYS if k in found]
 
 
+def no_modality_error(ds: xr.Dataset) -> ValueError:
+    """The error for a Dataset in which :func:`detect_modalities` finds nothing, naming the fix."""
+    return ValueError(
+        "no modality found in the Dataset: it needs Sentinel-2 bands named "
+        f"{list(sensors.S2_BANDS)} (attr modality='s2_l2a' or 's2_l1c') and/or Sentinel-1 "
+        f"'vv', 'vh' (attr modality='s1'); it has {list(ds.data_vars)}. Load it with "
+        "terrafm.stac.load or rename the variables")
+
+
 def _check_band_names(ds: xr.Dataset, modality: str) -> list[str]:
     bands = _bands(modality)
     tagged = [str(n) for n, v in ds.data_vars.items() if v.attrs.get("modality") == modality]
@@ -320,11 +329,7 @@ def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset
     if unknown:
         raise ValueError(f"unknown modalities {unknown}; choose from {list(sensors.MODALITY_KEYS)}")
     if not mods:
-        raise ValueError(
-            "no modality found in the Dataset: it needs Sentinel-2 bands named "
-            f"{list(sensors.S2_BANDS)} (attr modality='s2_l2a' or 's2_l1c') and/or Sentinel-1 "
-            f"'vv', 'vh' (attr modality='s1'); it has {list(ds.data_vars)}. Load it with "
-            "terrafm.stac.load or rename the variables")
+        raise no_modality_error(ds)
     out = xr.Dataset(coords={k: v for k, v in ds.coords.items() if k != "s2_offset"})
     for m in mods:
         stack, mask = stack_bands(ds, m)
