@@ -112,6 +112,11 @@ class ModalityPatchEmbed(nn.Module):
     def _stem(self, key: str, image: torch.Tensor, key_rows: torch.Tensor | bool, folded):
         """Values ``norm_input(proj1(Z))`` of one modality and, for fusion, keys ``key_proj(Z)``
         of the rows selected by ``key_rows`` (a bool per row, or True / False for all / none)."""
+        if torch.is_tensor(key_rows) and bool(key_rows.all()):
+            key_rows = True
+        elif torch.is_tensor(key_rows) and not bool(key_rows.any()):
+            key_rows = False
+
         def rows(tensor):
             return tensor if key_rows is True else tensor[key_rows]
 
@@ -174,27 +179,18 @@ class ModalityPatchEmbed(nn.Module):
         # Per sample, a stem runs only if its modality has a valid patch there, and keys are
         # computed only for samples where another modality is valid too: a masked token never
         # reaches the output, and a position with one valid modality takes its value as is.
-        present = [m.any(dim=1) if masks is not None else None for m in (masks or [None] * len(keys))]
-        n_present = sum(p.long() for p in present) if masks is not None else None
+        if masks is None:
+            present = torch.ones(len(keys), batch, dtype=torch.bool, device=first.device)
+        else:
+            present = torch.stack([m.any(dim=1) for m in masks])         # (modalities, batch)
+        mixing = present.sum(dim=0) > 1
         value_list, key_list = [], []
-        for i, key in enumerate(keys):
-            if masks is None:
-                v, k = self._stem(key, inputs[key], True, folded)
-            else:
-                rows = present[i]
-                multi = n_present[rows] > 1
-                if bool(rows.all()):
-                    v, k = self._stem(key, inputs[key], True if bool(multi.all()) else multi, folded)
-                    if k is not None and not bool(multi.all()):
-                        k = _scatter_rows(k, multi, batch)
-                else:
-                    v_rows, k_rows = self._stem(key, inputs[key][rows], multi if bool(multi.any()) else False, folded)
-                    v = _scatter_rows(v_rows, rows, batch)
-                    k = None if k_rows is None else _scatter_rows(k_rows, rows.clone().masked_scatter_(rows, multi), batch)
-                if k is None:
-                    k = torch.zeros_like(v)
+        for key, rows in zip(keys, present):
+            key_rows = rows & mixing
+            v, k = self._stem(key, _take_rows(inputs[key], rows), key_rows[rows], folded)
+            v = _put_rows(v, rows, batch)
             value_list.append(v)
-            key_list.append(k)
+            key_list.append(torch.zeros_like(v) if k is None else _put_rows(k, key_rows, batch))
 
         dim = value_list[0].shape[-1]
         values = torch.stack(value_list, dim=2).reshape(batch * n_patches, len(keys), dim)
@@ -207,8 +203,15 @@ class ModalityPatchEmbed(nn.Module):
         return self._output(fused, folded), position_valid
 
 
-def _scatter_rows(rows_tensor: torch.Tensor, selected: torch.Tensor, batch: int) -> torch.Tensor:
+def _take_rows(tensor: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """The rows of ``tensor`` where ``selected`` (bool per row) is True."""
+    return tensor if bool(selected.all()) else tensor[selected]
+
+
+def _put_rows(rows_tensor: torch.Tensor, selected: torch.Tensor, batch: int) -> torch.Tensor:
     """Place the rows computed for ``selected`` samples into a zero tensor of ``batch`` rows."""
+    if rows_tensor.shape[0] == batch:
+        return rows_tensor
     index = selected.nonzero().squeeze(1)
     full = rows_tensor.new_zeros((batch,) + tuple(rows_tensor.shape[1:]))
     return full.index_copy(0, index, rows_tensor)
