@@ -4,8 +4,9 @@ Serves the test scene's real Sentinel COGs (tests/support) from a local Range-ca
 then loads N 224 x 224 chips of S2 (12 bands, one date) + S1 (vv, vh, one date) three ways, in
 interleaved rounds of the same run:
 
-* ``terrafm``: ``terrafm.stac.load(items, geobox=chip, chunks=False)`` -- odc-stac, eager, no dask;
-  it also reads SCL and builds ``mask_s2_l2a`` / ``mask_s1`` and pairs S1 with S2.
+* ``terrafm``: ``terrafm.stac.load(items, geobox=chip, chunks=False)`` -- the eager numpy path (odc-stac's
+  grouping and fusing, no dask); it also reads SCL, builds ``mask_s2_l2a`` / ``mask_s1``, pairs S1 with S2
+  and returns the georeferenced Dataset.
 * ``rio+scl``: ``rasterio.open(url).read(window=...)`` of the same 12 S2 bands, SCL and vv/vh
   (the same files terrafm reads), 20/60 m bands repeated to 10 m. The fair baseline.
 * ``rio``: the same without SCL (band pixels only).

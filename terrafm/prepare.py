@@ -25,7 +25,7 @@ from . import sensors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["solar_day", "pair_nearest", "composite", "detect_modalities", "normalize", "normalize_block",
+__all__ = ["solar_day", "nearest_index", "pair_nearest", "composite", "detect_modalities", "normalize", "normalize_block",
            "stack_bands",
            "FILL_VALUE"]
 
@@ -33,22 +33,55 @@ FILL_VALUE = 0.5
 """Normalized value written where a pixel is invalid (the band mean)."""
 
 
-def solar_day(item) -> _dt.date:
-    """Local solar date of a STAC item (UTC time shifted by longitude / 15 h), as odc-stac groups.
+def solar_day(item, lon: float | None = None) -> _dt.date:
+    """Local solar date of a STAC item, as odc-stac groups: UTC time + whole hours of lon / 15.
+
+    ``lon`` defaults to the centre of the item's bbox (odc-stac's ``load`` uses the output grid's).
 
     Examples
     --------
     >>> class I: datetime = _dt.datetime(2021, 6, 5, 23, 30); bbox = (170, 0, 172, 1)
     >>> solar_day(I())
     datetime.date(2021, 6, 6)
+    >>> solar_day(I(), lon=14.9)            # less than a whole hour east: still 5 June
+    datetime.date(2021, 6, 5)
     """
-    lon = (item.bbox[0] + item.bbox[2]) / 2
-    t = item.datetime.replace(tzinfo=None) + _dt.timedelta(hours=lon / 15)
+    if lon is None:
+        lon = (item.bbox[0] + item.bbox[2]) / 2
+    t = item.datetime.replace(tzinfo=None) + _dt.timedelta(hours=int(lon / 15))
     return t.date()
 
 
 def _bands(modality: str) -> list[str]:
     return list(sensors.get_modality(modality).bands)
+
+
+def nearest_index(target: np.ndarray, source: np.ndarray,
+                  window: str | _dt.timedelta = "3D") -> tuple[np.ndarray, np.ndarray]:
+    """For each ``target`` time, the position of the nearest ``source`` time within ``window``.
+
+    Returns ``(index, gaps)``: ``index`` is -1 where no source time lies within the window (ties
+    go to the earlier source time); ``gaps`` is source minus target time (NaT where -1).
+
+    Examples
+    --------
+    >>> t = lambda *d: np.array(d, dtype="datetime64[ns]")
+    >>> index, gaps = nearest_index(t("2023-06-01", "2023-06-20"), t("2023-05-30", "2023-06-02"), "3D")
+    >>> index.tolist(), gaps.astype("timedelta64[D]").tolist()
+    ([1, -1], [datetime.timedelta(days=1), None])
+    """
+    window = pd.Timedelta(window).to_timedelta64()
+    target = np.asarray(target, dtype="datetime64[ns]")
+    source = np.asarray(source, dtype="datetime64[ns]")
+    index = np.full(len(target), -1)
+    gaps = np.full(len(target), np.timedelta64("NaT"), dtype="timedelta64[ns]")
+    if len(source) and len(target):
+        distance = np.abs(source[None, :] - target[:, None])
+        nearest = distance.argmin(axis=1)
+        within = distance[np.arange(len(target)), nearest] <= window
+        index[within] = nearest[within]
+        gaps[within] = source[nearest[within]] - target[within]
+    return index, gaps
 
 
 def pair_nearest(s2: xr.Dataset, s1: xr.Dataset, window: str | _dt.timedelta = "3D") -> xr.Dataset:
@@ -61,18 +94,7 @@ def pair_nearest(s2: xr.Dataset, s1: xr.Dataset, window: str | _dt.timedelta = "
     --------
     >>> paired = pair_nearest(ds_s2, ds_s1, window="6D")                     # doctest: +SKIP
     """
-    window = pd.Timedelta(window)
-    t2 = s2.time.values.astype("datetime64[ns]")
-    t1 = s1.time.values.astype("datetime64[ns]")
-    index = np.full(len(t2), -1)
-    gaps = np.full(len(t2), np.timedelta64("NaT"), dtype="timedelta64[ns]")
-    if len(t1):
-        for i, t in enumerate(t2):
-            d = np.abs(t1 - t)
-            j = int(np.argmin(d))
-            if d[j] <= window.to_timedelta64():
-                index[i] = j
-                gaps[i] = t1[j] - t
+    index, gaps = nearest_index(s2.time.values, s1.time.values, window)
     has = index >= 0
     take = xr.DataArray(np.where(has, index, 0), dims="time")
     picked = s1[["vv", "vh", "mask_s1"]].isel(time=take).drop_vars("time", errors="ignore")
@@ -90,9 +112,9 @@ def pair_nearest(s2: xr.Dataset, s1: xr.Dataset, window: str | _dt.timedelta = "
     for name in ("vv", "vh"):
         new[name].attrs = dict(s1[name].attrs)
     new["s1_time_gap"] = xr.DataArray(gaps, dims="time", coords={"time": s2.time}, attrs={
-        "description": f"S1 minus S2 acquisition time; NaT if none within {window}"})
+        "description": f"S1 minus S2 acquisition time; NaT if none within {pd.Timedelta(window)}"})
     out = s2.assign(new)
-    logger.info("paired %d of %d S2 dates with S1 within %s", int(has.sum()), len(t2), window)
+    logger.info("paired %d of %d S2 dates with S1 within %s", int(has.sum()), len(index), window)
     return out
 
 

@@ -19,18 +19,17 @@ import datetime as _dt
 import logging
 import os
 import shutil
-import threading
 import uuid
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import xarray as xr
 
-from . import sensors
+from . import reading, sensors
+from .reading import GDAL_HTTP_OPTIONS, TerraFMReadError
 
 logger = logging.getLogger(__name__)
 
@@ -39,23 +38,7 @@ __all__ = ["search", "load", "open_sentinel", "save", "TerraFMReadError", "Terra
 CHIP_SIZE = 224
 """Side of one model chip in pixels; an AOI must be at least this large."""
 
-GDAL_HTTP_OPTIONS: dict[str, str] = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "GDAL_HTTP_MAX_RETRY": "5",
-    "GDAL_HTTP_RETRY_DELAY": "0.5",
-    "GDAL_HTTP_RETRY_CODES": "429,500,502,503,504",
-    "GDAL_HTTP_TIMEOUT": "60",
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.jp2",
-    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-    "GDAL_HTTP_MULTIPLEX": "YES",
-}
-"""GDAL settings for pixel reads: retries with back-off on 429/5xx and timeouts, no directory probes."""
-
 _API_RETRY = dict(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504))
-
-
-class TerraFMReadError(RuntimeError):
-    """A pixel read failed after retries (asset gone, access denied, corrupt)."""
 
 
 class TerraFMSearchError(RuntimeError):
@@ -274,152 +257,6 @@ def search(
 
 
 # ------------------------------------------------------------------------------------------------
-# reading: a rasterio driver that signs at read time and re-signs on expiry
-# ------------------------------------------------------------------------------------------------
-def _unsigned(href: str) -> str:
-    parts = urlsplit(href)
-    if parts.netloc.endswith(".blob.core.windows.net"):
-        return urlunsplit(parts._replace(query=""))
-    return href
-
-
-def _pc_sign(href: str, refresh: bool = False) -> str:
-    import planetary_computer
-    from planetary_computer.sas import TOKEN_CACHE
-
-    base = _unsigned(href)
-    if refresh:
-        TOKEN_CACHE.clear()
-    return planetary_computer.sign_url(base)
-
-
-def _integer_zoom_read(src, cfg, dst_geobox, selection):
-    """Read the source window behind ``dst_geobox`` when the grids align, else return ``None``.
-
-    Aligned means: same CRS, no rotation, source pixel = k x destination pixel (k a positive
-    integer) and the destination origin an integer number of destination pixels from the
-    source's. Then nearest resampling is an exact k x k repetition of a plain windowed read, which
-    skips odc's reprojection set-up and GDAL's warper (the common case of 10/20/60 m Sentinel-2
-    bands on a 10 m UTM grid). Other cases (bilinear upsampling, another CRS) go through odc.
-    """
-    import rasterio
-    from odc.loader._reader import (nodata_mask, resolve_band_query, resolve_dst_dtype, resolve_dst_nodata,
-                                    resolve_src_nodata, same_nodata)
-
-    if selection is not None or dst_geobox.crs is None:
-        return None
-    dt_ = dst_geobox.transform
-    with rasterio.open(src.uri, "r", sharing=False) as rdr:
-        st = rdr.transform
-        if st.b or st.d or dt_.b or dt_.d or rdr.crs is None:
-            return None
-        k = st.a / dt_.a
-        if abs(k - round(k)) > 1e-9 or round(k) < 1 or abs(st.e / dt_.e - k) > 1e-9:
-            return None
-        k = int(round(k))
-        if k > 1 and not cfg.nearest:
-            return None
-        off_x, off_y = (dt_.c - st.c) / dt_.a, (dt_.f - st.f) / dt_.e
-        if abs(off_x - round(off_x)) > 1e-6 or abs(off_y - round(off_y)) > 1e-6:
-            return None
-        if dst_geobox.crs != rdr.crs:
-            return None
-        bidx = resolve_band_query(src, rdr.count, selection=None)
-        if not isinstance(bidx, int):
-            return None
-        off_x, off_y = int(round(off_x)), int(round(off_y))
-        h, w = dst_geobox.shape.yx
-        i0, i1 = max(0, -off_y), min(h, rdr.height * k - off_y)
-        j0, j1 = max(0, -off_x), min(w, rdr.width * k - off_x)
-        dtype = resolve_dst_dtype(rdr.dtypes[bidx - 1], cfg)
-        if i0 >= i1 or j0 >= j1:
-            return (slice(0, 0), slice(0, 0)), np.empty((0, 0), dtype=dtype)
-        r0, r1 = (off_y + i0) // k, (off_y + i1 - 1) // k + 1
-        c0, c1 = (off_x + j0) // k, (off_x + j1 - 1) // k + 1
-        from rasterio.windows import Window
-
-        pix = rdr.read(bidx, window=Window(c0, r0, c1 - c0, r1 - r0))
-        src_nodata = resolve_src_nodata(rdr.nodatavals[bidx - 1], cfg)
-    if k > 1:
-        pix = np.repeat(np.repeat(pix, k, axis=0), k, axis=1)
-        y, x = off_y + i0 - r0 * k, off_x + j0 - c0 * k
-        pix = pix[y:y + i1 - i0, x:x + j1 - j0]
-    out = pix.astype(dtype, copy=False)
-    dst_nodata = resolve_dst_nodata(out.dtype, cfg, src_nodata)
-    if dst_nodata is not None and not same_nodata(src_nodata, dst_nodata):
-        np.copyto(out, dst_nodata, where=nodata_mask(pix, src_nodata))
-    return (slice(i0, i1), slice(j0, j1)), out
-
-
-_EAGER = threading.local()
-"""Set by :func:`load` while an eager (``chunks=False``) load runs in the calling thread."""
-
-
-@contextmanager
-def _eager_env(driver):
-    """Enter the driver's GDAL environment once for a whole eager load, not once per band read."""
-    import rasterio
-
-    env = driver.capture_env()
-    with rasterio.Env(**{k: v for k, v in env.items() if not k.startswith("_")}):
-        _EAGER.env = env
-        try:
-            yield env
-        finally:
-            _EAGER.env = None
-
-
-def _make_driver(sign: str | None, gdal_options: Mapping[str, str]):
-    from odc.loader._rio import RioDriver, RioReader
-
-    class _Reader(RioReader):
-        def read(self, cfg, dst_geobox, *, dst=None, selection=None):
-            src = self._src
-            attempts = 2 if sign else 1
-            for attempt in range(attempts):
-                if sign:
-                    src = self._src.patch(uri=_pc_sign(self._src.uri, refresh=attempt > 0))
-                try:
-                    from odc.loader._rio import rio_read
-
-                    if dst is None:
-                        fast = _integer_zoom_read(src, cfg, dst_geobox, selection)
-                        if fast is not None:
-                            return fast
-                    return rio_read(src, cfg, dst_geobox, dst=dst, selection=selection)
-                except Exception as err:  # rasterio raises several IO error types
-                    text = str(err)
-                    if sign and attempt + 1 < attempts:  # GDAL hides the 403 behind "Read failed"
-                        logger.info("read of %s failed (%s), re-signing with a fresh token", _unsigned(src.uri), text)
-                        continue
-                    raise TerraFMReadError(
-                        f"could not read {_unsigned(src.uri)} after GDAL's retries: {text}. The asset may "
-                        "have been removed or its link expired: search again and reload; nothing was written."
-                    ) from err
-
-    class _Driver(RioDriver):
-        def capture_env(self):
-            env = super().capture_env()
-            env.update(gdal_options)
-            return env
-
-        @contextmanager
-        def restore_env(self, env, load_state):
-            if getattr(_EAGER, "env", None) == env and not env.get("_aws"):  # eager: thread already in ``env``
-                from odc.loader._rio import LocalContext
-
-                yield load_state.local_ctx(LocalContext)
-            else:
-                with super().restore_env(env, load_state) as ctx:
-                    yield ctx
-
-        def open(self, src, ctx):
-            return _Reader(src, ctx)
-
-    return _Driver()
-
-
-# ------------------------------------------------------------------------------------------------
 # load
 # ------------------------------------------------------------------------------------------------
 def _baseline(item) -> str | None:
@@ -461,7 +298,7 @@ def _check_overlap(geom, items) -> None:
 
 def _geobox(items, aoi, resolution: float, crs: str | int):
     from odc.geo.geobox import GeoBox
-    from odc.geo.geom import Geometry, box
+    from odc.geo.geom import Geometry
 
     if aoi is None:
         bounds = np.array([i.bbox for i in items])
@@ -520,8 +357,9 @@ def load(
     crs : "utm" or EPSG code
         ``"utm"`` picks the AOI's zone and refuses AOIs spanning zones.
     chunks : dict, optional
-        Dask chunks, default ``{"time": 1, "x": 1024, "y": 1024}``; ``False`` loads eagerly into
-        numpy in the calling thread (fast path for single chips).
+        Dask chunks, default ``{"time": 1, "x": 1024, "y": 1024}``. ``False`` reads eagerly into
+        numpy in the calling thread, with the same result (fast path for one chip or block at a
+        time: no dask graph, no intermediate odc-stac Dataset).
     modalities : sequence of str, optional
         Subset of modalities to load (``"s2_l2a"``, ``"s2_l1c"``, ``"s1"``, ``"worldcover"``).
     catalog : str or None
@@ -532,9 +370,11 @@ def load(
         pre-04.00 DN. The offset still present is kept as coordinate ``s2_offset`` (time).
     pair_window : str or timedelta or None
         With S2 and S1: pair each S2 date with the nearest S1 date within this window (S1 on the S2
-        time axis, ``s1_time_gap`` recorded); ``None`` keeps the union of dates.
+        time axis, ``s1_time_gap`` recorded); ``None`` keeps the union of dates, where a modality's
+        missing dates hold its nodata (NaN for S1) and its mask is False.
     groupby : str
-        odc-stac grouping, ``"solar_day"`` merges same-day granules.
+        Time steps as odc-stac groups them: ``"solar_day"`` merges same-day granules, ``"time"``,
+        ``"id"`` (one step per item) or the name of an item property.
     keep_scl : bool
         Keep the S2 scene classification as variable ``SCL``.
     geobox : odc.geo.geobox.GeoBox, optional
@@ -551,10 +391,7 @@ def load(
     >>> ds.mask_s2_l2a.dtype  # doctest: +SKIP
     dtype('bool')
     """
-    import odc.stac
     import rioxarray  # noqa: F401  (registers ds.rio, part of the Dataset contract)
-
-    from . import prepare
 
     items = list(items)
     if not items:
@@ -574,98 +411,195 @@ def load(
             raise ValueError(f"none of the items carry modalities {list(modalities)}")
     if geobox is None:
         geobox = _geobox(items, aoi, resolution, crs)
-    chunks = None if chunks is False else dict(chunks or {"time": 1, "x": 1024, "y": 1024})
-    options = {**GDAL_HTTP_OPTIONS, **(gdal_options or {})}
-    driver = _make_driver(sign, options)
+    reader = _Reader(geobox, chunks, groupby, resampling,
+                     reading.make_driver(reading.pc_sign if sign else None, {**GDAL_HTTP_OPTIONS, **(gdal_options or {})}))
 
-    def _load(mod_items, spec, keys, rename, **kw):
-        _check_assets(mod_items, spec, keys)
-        cfg = {spec.collection: {"assets": {k: {"data_type": spec.dtype, "nodata": spec.nodata} for k in keys}}}
-        if spec.mask_asset:
-            cfg[spec.collection]["assets"][spec.mask_asset] = {"data_type": "uint8", "nodata": 0}
-        with _eager_env(driver) if chunks is None else nullcontext():
-            ds = odc.stac.load(mod_items, bands=keys, geobox=geobox, chunks=chunks, groupby=groupby,
-                               resampling=resampling, driver=driver, stac_cfg=cfg, fail_on_error=True,
-                               **kw)
-        return ds.rename({k: v for k, v in rename.items() if k in ds.data_vars})
-
-    parts: dict[str, xr.Dataset] = {}
+    parts: list[_Part] = []
     for modality in ("s2_l2a", "s2_l1c"):
-        if modality not in by_modality:
-            continue
-        spec, mod_items = spec_of[modality], by_modality[modality]
-        baselines = sorted({_baseline(i) or "00.00" for i in mod_items})
-        if len({b >= sensors.S2_OFFSET_BASELINE for b in baselines}) > 1 and s2_offset is None:
-            raise ValueError(
-                f"{modality} items mix processing baselines {baselines}: those from "
-                f"{sensors.S2_OFFSET_BASELINE} on carry a +{sensors.S2_BASELINE_OFFSET} DN offset. Choose "
-                "s2_offset='harmonize' (subtract it) or s2_offset='raw' (keep stored DN), or restrict the "
-                f"dates to one side of {sensors.S2_OFFSET_START}."
-            )
-        keys = [spec.assets[b] for b in sensors.S2_BANDS]
-        if spec.mask_asset:
-            keys.append(spec.mask_asset)
-        ds = _load(mod_items, spec, keys, {**{v: k for k, v in spec.assets.items()}, **({spec.mask_asset: "SCL"} if spec.mask_asset else {})})
-        # per-date offset still present in the DN
-        day_baseline = defaultdict(set)
-        for i in mod_items:
-            day_baseline[np.datetime64(prepare.solar_day(i), "D")].add(_baseline(i) or "00.00")
-        days = ds.time.values.astype("datetime64[D]")
-        offset = np.array([sensors.S2_BASELINE_OFFSET if max(day_baseline.get(d, {"00.00"})) >= sensors.S2_OFFSET_BASELINE else 0
-                           for d in days], dtype="int32")
-        if "SCL" in ds:
-            valid = ~ds.SCL.isin(sensors.SCL_INVALID_CLASSES)
-        else:
-            valid = ds["B02"] != sensors.S2_NODATA
-        if s2_offset == "harmonize" and offset.any():
-            off = xr.DataArray(offset, dims="time", coords={"time": ds.time})
-            for b in sensors.S2_BANDS:
-                v = ds[b]
-                ds[b] = xr.where(v > off, v - off, 0).astype(v.dtype)
-            offset = np.zeros_like(offset)
-        ds = ds.assign_coords(s2_offset=("time", offset))
-        ds[f"mask_{modality}"] = valid.rename(f"mask_{modality}")
-        for b in sensors.S2_BANDS:
-            ds[b].attrs.update(modality=modality, units="DN")
-        if not keep_scl and "SCL" in ds:
-            ds = ds.drop_vars("SCL")
-        parts[modality] = ds
+        if modality in by_modality:
+            parts.append(_s2_part(reader, modality, spec_of[modality], by_modality[modality], s2_offset, keep_scl))
     if "s1" in by_modality:
-        spec = spec_of["s1"]
-        keys = [spec.assets[b] for b in sensors.S1_BANDS]
-        ds = _load(by_modality["s1"], spec, keys, {v: k for k, v in spec.assets.items()})
-        vv, vh = ds.vv.data, ds.vh.data  # numpy or dask: one expression, no per-operator xarray overhead
-        ds["mask_s1"] = (ds.vv.dims, (vv != spec.nodata) & (vh != spec.nodata) & np.isfinite(vv) & np.isfinite(vh))
-        for b in sensors.S1_BANDS:
-            ds[b].attrs.update(modality="s1", units="linear power")
-        parts["s1"] = ds
-    worldcover = None
+        parts.append(_s1_part(reader, spec_of["s1"], by_modality["s1"]))
+    variables: dict[str, Any] = {}
+    coords: dict[str, Any] = {}
+    if parts:
+        variables, coords = _on_one_time_axis(parts, pair_window)
     if "worldcover" in by_modality:
         spec = spec_of["worldcover"]
-        with _eager_env(driver) if chunks is None else nullcontext():
-            wc = odc.stac.load(by_modality["worldcover"], bands=[spec.assets["worldcover"]], geobox=geobox,
-                               chunks=chunks, groupby=groupby, resampling="nearest", driver=driver,
-                               fail_on_error=True)
-        worldcover = wc[spec.assets["worldcover"]].max("time").astype("uint8").rename("worldcover")
-        worldcover.attrs.update(description="ESA WorldCover classes (0 = no data)")
+        key = spec.assets["worldcover"]
+        _, arrays = reader.read(by_modality["worldcover"], spec, {key: ("uint8", spec.nodata)})
+        variables["worldcover"] = (("y", "x"), arrays[key].max(axis=0).astype("uint8"),
+                                   {"description": "ESA WorldCover classes (0 = no data)"})
+    from odc.geo.xr import xr_coords
 
-    s2_keys = [m for m in ("s2_l2a", "s2_l1c") if m in parts]
-    if s2_keys and "s1" in parts and pair_window is not None:
-        s2 = (parts[s2_keys[0]] if len(s2_keys) == 1
-              else xr.merge([parts[m] for m in s2_keys], join="outer", compat="override"))
-        out = prepare.pair_nearest(s2, parts["s1"], window=pair_window)
-    else:
-        out = xr.merge(list(parts.values()), join="outer", compat="override") if parts else xr.Dataset()
-        for m in parts:
-            if f"mask_{m}" in out:
-                out[f"mask_{m}"] = out[f"mask_{m}"].fillna(False).astype(bool)
-    if worldcover is not None:
-        out["worldcover"] = worldcover
-    out.attrs["terrafm_modalities"] = [m for m in sensors.MODALITY_KEYS if m in parts]
+    coords = {**xr_coords(geobox), **coords}
+    crs_name = list(xr_coords(geobox))[-1]
+    out = xr.Dataset({name: xr.Variable(dims, data, attrs, encoding={"grid_mapping": crs_name} if "y" in dims else None)
+                      for name, (dims, data, attrs) in variables.items()}, coords=coords)
+    out.attrs["terrafm_modalities"] = [m for m in sensors.MODALITY_KEYS if m in {p.modality for p in parts}]
     out.attrs["s2_offset_handling"] = s2_offset or "raw"
-    if "spatial_ref" not in out.coords and parts:
-        out = out.assign_coords(spatial_ref=next(iter(parts.values())).spatial_ref)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# load, per modality: pixels as arrays (numpy or dask) on their own time steps, then one time axis
+# ------------------------------------------------------------------------------------------------
+class _Reader:
+    """Reads one collection's assets onto the load's GeoBox: eagerly (numpy) or through odc-stac (dask)."""
+
+    def __init__(self, geobox, chunks, groupby: str, resampling: str, driver):
+        self.geobox, self.groupby, self.resampling, self.driver = geobox, groupby, resampling, driver
+        self.eager = chunks is False
+        self.chunks = None if self.eager else dict(chunks or {"time": 1, "x": 1024, "y": 1024})
+        self.lon = geobox.extent.centroid.to_crs("EPSG:4326").points[0][0]
+
+    def groups(self, items) -> list[list]:
+        return reading.group_items(items, self.groupby, self.lon)
+
+    def read(self, items, spec: sensors.CollectionSpec, bands: dict[str, tuple[str, float]]):
+        """``(times, {asset key: (time, y, x) array})``, one time step per :meth:`groups` entry."""
+        _check_assets(items, spec, list(bands))
+        if self.eager:
+            groups = self.groups(items)
+            return (reading.group_times(groups),
+                    reading.read_eager(groups, bands, self.geobox, driver=self.driver, resampling=self.resampling))
+        import odc.stac
+
+        cfg = {spec.collection: {"assets": {k: {"data_type": dtype, "nodata": nodata} for k, (dtype, nodata) in bands.items()}}}
+        ds = odc.stac.load(items, bands=list(bands), geobox=self.geobox, chunks=self.chunks, groupby=self.groupby,
+                           resampling=self.resampling, driver=self.driver, stac_cfg=cfg, fail_on_error=True)
+        return ds.time.values.astype("datetime64[ns]"), {k: ds[k].data for k in bands}
+
+
+@dataclass
+class _Part:
+    """One modality's variables on its own time steps: name -> (array (time, y, x), attrs, fill)."""
+
+    modality: str
+    times: np.ndarray
+    variables: dict[str, tuple[Any, dict, Any]]
+    s2_offset: np.ndarray | None = None
+
+
+def _lookup(table: np.ndarray, codes):
+    """``table[codes]`` for a numpy or dask array of small non-negative integer codes."""
+    if isinstance(codes, np.ndarray):
+        return table[codes]
+    return codes.map_blocks(table.__getitem__, dtype=table.dtype)
+
+
+def _s2_part(reader: _Reader, modality: str, spec: sensors.CollectionSpec, items: list,
+             s2_offset: str | None, keep_scl: bool) -> _Part:
+    baselines = sorted({_baseline(i) or "00.00" for i in items})
+    if len({b >= sensors.S2_OFFSET_BASELINE for b in baselines}) > 1 and s2_offset is None:
+        raise ValueError(
+            f"{modality} items mix processing baselines {baselines}: those from "
+            f"{sensors.S2_OFFSET_BASELINE} on carry a +{sensors.S2_BASELINE_OFFSET} DN offset. Choose "
+            "s2_offset='harmonize' (subtract it) or s2_offset='raw' (keep stored DN), or restrict the "
+            f"dates to one side of {sensors.S2_OFFSET_START}."
+        )
+    bands = {spec.assets[b]: (spec.dtype, spec.nodata) for b in sensors.S2_BANDS}
+    if spec.mask_asset:
+        bands[spec.mask_asset] = ("uint8", 0)
+    times, arrays = reader.read(items, spec, bands)
+    # the offset still present in each step's DN: a step is offset when any of its granules is
+    offset = np.array([sensors.S2_BASELINE_OFFSET
+                       if max(_baseline(i) or "00.00" for i in group) >= sensors.S2_OFFSET_BASELINE else 0
+                       for group in reader.groups(items)], dtype="int32")
+    if len(offset) != len(times):
+        raise RuntimeError(f"odc-stac made {len(times)} time steps of {modality} where terrafm's grouping makes "
+                           f"{len(offset)}: report this with the odc-stac version")
+    scl = arrays.get(spec.mask_asset) if spec.mask_asset else None
+    if scl is not None:
+        invalid = np.zeros(256, dtype=bool)
+        invalid[list(sensors.SCL_INVALID_CLASSES)] = True
+        valid = _lookup(~invalid, scl)
+    else:
+        valid = arrays[spec.assets["B02"]] != spec.nodata
+    attrs = {"modality": modality, "units": "DN", "nodata": spec.nodata}
+    variables = {}
+    for band in sensors.S2_BANDS:
+        data = arrays[spec.assets[band]]
+        if s2_offset == "harmonize" and offset.any():
+            off = offset[:, None, None].astype(data.dtype)
+            data = ((data > off) * (data - off)).astype(data.dtype)  # clipped at 0, no unsigned wrap-around
+        variables[band] = (data, attrs, spec.nodata)
+    if s2_offset == "harmonize":
+        offset = np.zeros_like(offset)
+    if keep_scl and scl is not None:
+        variables["SCL"] = (scl, {"description": "Sentinel-2 scene classification", "nodata": 0}, 0)
+    variables[f"mask_{modality}"] = (valid, {"description": f"{modality} pixel valid (scene classification)"}, False)
+    return _Part(modality, times, variables, offset)
+
+
+def _s1_part(reader: _Reader, spec: sensors.CollectionSpec, items: list) -> _Part:
+    bands = {spec.assets[b]: (spec.dtype, spec.nodata) for b in sensors.S1_BANDS}
+    times, arrays = reader.read(items, spec, bands)
+    vv, vh = arrays[spec.assets["vv"]], arrays[spec.assets["vh"]]
+    valid = (vv != spec.nodata) & (vh != spec.nodata) & np.isfinite(vv) & np.isfinite(vh)
+    attrs = {"modality": "s1", "units": "linear power", "nodata": spec.nodata}
+    variables = {"vv": (vv, attrs, np.nan), "vh": (vh, attrs, np.nan),
+                 "mask_s1": (valid, {"description": "s1 pixel valid (not nodata)"}, False)}
+    return _Part("s1", times, variables)
+
+
+def _exact_index(axis: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Position of each ``axis`` time in ``times`` (-1 where absent); ``times`` sorted."""
+    pos = np.clip(np.searchsorted(times, axis), 0, max(len(times) - 1, 0))
+    found = (pos < len(times)) & (times[pos] == axis) if len(times) else np.zeros(len(axis), bool)
+    return np.where(found, pos, -1)
+
+
+def _take_steps(data, index: np.ndarray, fill):
+    """``data`` (time, y, x) re-ordered onto steps ``index`` (-1: absent, filled with ``fill``)."""
+    if len(index) == data.shape[0] and (index == np.arange(len(index))).all():
+        return data
+    present = index >= 0
+    if data.shape[0] == 0:
+        return np.full((len(index),) + data.shape[1:], fill, dtype=data.dtype)
+    picked = data[np.where(present, index, 0)]
+    if present.all():
+        return picked
+    return np.where(present[:, None, None], picked, np.asarray(fill, dtype=data.dtype))
+
+
+def _on_one_time_axis(parts: list[_Part], pair_window) -> tuple[dict, dict]:
+    """All parts on one time axis: S1 paired to the S2 dates, or else the union of every date.
+
+    Dates a part lacks hold its fill (nodata, NaN for S1, mask False), so dtypes never change.
+    """
+    import pandas as pd
+
+    from . import prepare
+
+    s2 = [p for p in parts if p.modality in ("s2_l2a", "s2_l1c")]
+    s1 = next((p for p in parts if p.modality == "s1"), None)
+    pairing = bool(s2) and s1 is not None and pair_window is not None
+    axis = np.unique(np.concatenate([p.times for p in (s2 if pairing else parts)]))
+    variables: dict[str, tuple] = {}
+    coords: dict[str, Any] = {"time": axis}
+    offset = np.zeros(len(axis), dtype="int32")
+    has_offset = np.zeros(len(axis), dtype=bool)
+    gap_variable = None
+    for part in parts:
+        if pairing and part is s1:
+            index, gaps = prepare.nearest_index(axis, part.times, pair_window)
+            gap_variable = (("time",), gaps, {
+                "description": f"S1 minus S2 acquisition time; NaT if none within {pd.Timedelta(pair_window)}"})
+            logger.info("paired %d of %d S2 dates with S1 within %s", int((index >= 0).sum()), len(axis), pair_window)
+        else:
+            index = _exact_index(axis, part.times)
+        for name, (data, attrs, fill) in part.variables.items():
+            variables[name] = (("time", "y", "x"), _take_steps(data, index, fill), attrs)
+        if part.s2_offset is not None:  # a date of both S2 levels keeps the first level's offset
+            first = (index >= 0) & ~has_offset
+            offset[first] = part.s2_offset[index[first]]
+            has_offset |= first
+    if gap_variable is not None:
+        variables["s1_time_gap"] = gap_variable
+    if s2:
+        coords["s2_offset"] = ("time", offset)
+    return variables, coords
 
 
 def open_sentinel(

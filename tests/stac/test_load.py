@@ -462,3 +462,37 @@ def test_token_near_expiry_is_renewed_before_reading(stac_api_url, sentinel_scen
     entry = sentinel_scene.manifest["s2"][0]["assets"]
     np.testing.assert_array_equal(first[0], _direct(sentinel_scene, entry["B04"]["path"], ds.odc.geobox))
     np.testing.assert_array_equal(second[0], _direct(sentinel_scene, entry["B08"]["path"], ds.odc.geobox))
+
+
+@pytest.mark.parametrize("how", ["paired", "union", "reprojected", "harmonized"])
+def test_eager_load_equals_lazy_load(stac_api_url, sentinel_scene, how):
+    """``chunks=False`` reads straight into numpy; it must give the lazy (odc-stac dask) result exactly."""
+    import xarray as xr
+
+    period = f"{sentinel_scene.start}/{sentinel_scene.end}"
+    collections = ("sentinel-2-l2a", "sentinel-1-rtc", "esa-worldcover")
+    kwargs = {"paired": dict(keep_scl=True), "union": dict(pair_window=None), "reprojected": dict(crs=3857),
+              "harmonized": dict(s2_offset="harmonize")}[how]
+    if how == "harmonized":  # two processing baselines
+        period, collections = "2021-07-10/2022-03-01", ("sentinel-2-l2a",)
+    found = search(sentinel_scene.aoi_bbox, period, collections, url=stac_api_url)
+    lazy = load(found, sentinel_scene.aoi_bbox, **kwargs)
+    assert lazy.B04.chunks is not None
+    eager = load(found, sentinel_scene.aoi_bbox, chunks=False, **kwargs)
+    assert isinstance(eager.B04.data, np.ndarray)
+    xr.testing.assert_identical(eager, lazy.compute())
+    for name in eager.variables:
+        assert eager[name].dtype == lazy[name].dtype, name
+    if how == "union":  # S1-only dates: S2 at nodata and masked, S2-only dates: S1 NaN and masked
+        s2_dates, s1_dates = set(sentinel_scene.s2_dates), set(sentinel_scene.s1_dates)
+        days = [str(t)[:10] for t in eager.time.values]
+        only_s1 = [k for k, d in enumerate(days) if d not in {str(s)[:10] for s in s2_dates}]
+        only_s2 = [k for k, d in enumerate(days) if d not in {str(s)[:10] for s in s1_dates}]
+        assert only_s1 and only_s2
+        assert eager.B04.dtype == np.uint16 and (eager.B04.values[only_s1] == 0).all()
+        assert not eager.mask_s2_l2a.values[only_s1].any() and not eager.mask_s1.values[only_s2].any()
+        assert np.isnan(eager.vv.values[only_s2]).all()
+    if how == "reprojected":
+        assert eager.rio.crs.to_epsg() == 3857
+    if how == "harmonized":
+        assert list(eager.s2_offset.values) == [0, 0]
