@@ -432,8 +432,9 @@ def load(
                                    {"description": "ESA WorldCover classes (0 = no data)"})
     from odc.geo.xr import xr_coords
 
-    coords = {**xr_coords(geobox), **coords}
-    crs_name = list(xr_coords(geobox))[-1]
+    grid = xr_coords(geobox)  # y, x and the CRS coordinate, last
+    crs_name = list(grid)[-1]
+    coords = {**grid, **coords}
     out = xr.Dataset({name: xr.Variable(dims, data, attrs, encoding={"grid_mapping": crs_name} if "y" in dims else None)
                       for name, (dims, data, attrs) in variables.items()}, coords=coords)
     out.attrs["terrafm_modalities"] = [m for m in sensors.MODALITY_KEYS if m in {p.modality for p in parts}]
