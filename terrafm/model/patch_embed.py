@@ -36,8 +36,9 @@ class _FoldedStem:
     """Inference-time products of the stem's consecutive linear maps, computed in float64.
 
     ``conv -> +embed -> proj1`` is one linear map of the pixels, and so are ``conv -> +embed ->
-    key_proj`` and ``proj2 -> proj3``; folding them removes two (2304 x 2304) matmuls per token
-    from TerraFM-B. Rebuilt whenever a parameter changes (version counter, storage, device).
+    fusion logits`` (:meth:`CrossAttentionFusion.token_queries`) and ``proj2 -> proj3``; folding
+    them removes two (2304 x 2304) matmuls per token from TerraFM-B. Rebuilt whenever a parameter
+    changes (version counter, storage, device).
     """
 
     def __init__(self) -> None:
@@ -62,7 +63,7 @@ class _FoldedStem:
         proj = embed.projection
         dtype = proj.proj1.weight.dtype
         w1 = proj.proj1.weight.double()
-        wk, bk = embed.fusion.key_proj.weight.double(), embed.fusion.key_proj.bias.double()
+        wq, bq = embed.fusion.token_queries(torch.float64)
         folded = {}
         for key in embed.modalities:
             conv = getattr(embed, f"conv2d_{key}")
@@ -71,8 +72,8 @@ class _FoldedStem:
             offset = conv.bias.double() + getattr(embed, f"{key}_embed").double().reshape(-1)
             folded[f"{key}.value.weight"] = (w1 @ wc).reshape(shape).to(dtype)
             folded[f"{key}.value.bias"] = (w1 @ offset).to(dtype)
-            folded[f"{key}.key.weight"] = (wk @ wc).reshape(shape).to(dtype)
-            folded[f"{key}.key.bias"] = (wk @ offset + bk).to(dtype)
+            folded[f"{key}.logits.weight"] = (wq @ wc).reshape((wq.shape[0],) + tuple(shape[1:])).to(dtype)
+            folded[f"{key}.logits.bias"] = (wq @ offset + bq).to(dtype)
         w2, b2 = proj.proj2.weight.double(), proj.proj2.bias.double()
         w3, b3 = proj.proj3.weight.double(), proj.proj3.bias.double()
         folded["out.weight"] = (w3 @ w2).to(dtype)
@@ -109,21 +110,14 @@ class ModalityPatchEmbed(nn.Module):
         patches = getattr(self, f"conv2d_{key}")(image).flatten(2).transpose(1, 2)
         return patches + getattr(self, f"{key}_embed")
 
-    def _stem(self, key: str, image: torch.Tensor, key_rows: torch.Tensor | bool, folded):
-        """Values ``norm_input(proj1(Z))`` of one modality and, for fusion, keys ``key_proj(Z)``
-        of the rows selected by ``key_rows`` (a bool per row, or True / False for all / none)."""
-        if torch.is_tensor(key_rows) and bool(key_rows.all()):
-            key_rows = True
-        elif torch.is_tensor(key_rows) and not bool(key_rows.any()):
-            key_rows = False
-
-        def rows(tensor):
-            return tensor if key_rows is True else tensor[key_rows]
-
+    def _stem(self, key: str, image: torch.Tensor, folded, with_logits: bool = False, queries=None):
+        """Values ``norm_input(proj1(Z))`` of one modality and, ``with_logits``, its fusion
+        logits (``queries``: the fusion's :meth:`~CrossAttentionFusion.token_queries`, needed
+        unless ``folded``)."""
         if folded is None:
             tokens = self.modality_tokens(key, image)
-            keys = None if key_rows is False else self.fusion.key_proj(rows(tokens))
-            return self.projection.value(tokens), keys
+            logits = F.linear(tokens, *queries) if with_logits else None
+            return self.projection.value(tokens), logits
 
         def patchify(name, pixels):
             out = F.conv2d(pixels, folded[f"{key}.{name}.weight"], folded[f"{key}.{name}.bias"],
@@ -131,7 +125,7 @@ class ModalityPatchEmbed(nn.Module):
             return out.flatten(2).transpose(1, 2)
 
         values = self.projection.norm_input(patchify("value", image))
-        return values, (None if key_rows is False else patchify("key", rows(image)))
+        return values, (patchify("logits", image) if with_logits else None)
 
     def _output(self, fused: torch.Tensor, folded) -> torch.Tensor:
         if folded is None:
@@ -172,46 +166,29 @@ class ModalityPatchEmbed(nn.Module):
                 used = [i for i, m in enumerate(masks) if bool(m.any())]
                 keys, masks = [keys[i] for i in used], [masks[i] for i in used]
                 first = inputs[keys[0]]
-        need_fusion = len(keys) > 1 or masks is not None
-        if not need_fusion:
-            return self._output(self._stem(keys[0], first, False, folded)[0], folded), None
+        if len(keys) == 1 and masks is None:  # the released single-modality path
+            return self._output(self._stem(keys[0], first, folded)[0], folded), None
 
-        # Per sample, a stem runs only if its modality has a valid patch there, and keys are
-        # computed only for samples where another modality is valid too: a masked token never
-        # reaches the output, and a position with one valid modality takes its value as is.
-        if masks is None:
-            present = torch.ones(len(keys), batch, dtype=torch.bool, device=first.device)
-        else:
-            present = torch.stack([m.any(dim=1) for m in masks])         # (modalities, batch)
-        mixing = present.sum(dim=0) > 1
-        value_list, key_list = [], []
-        for key, rows in zip(keys, present):
-            key_rows = rows & mixing
-            v, k = self._stem(key, _take_rows(inputs[key], rows), key_rows[rows], folded)
-            v = _put_rows(v, rows, batch)
-            value_list.append(v)
-            key_list.append(torch.zeros_like(v) if k is None else _put_rows(k, key_rows, batch))
-
-        dim = value_list[0].shape[-1]
-        values = torch.stack(value_list, dim=2).reshape(batch * n_patches, len(keys), dim)
-        key_tokens = torch.stack(key_list, dim=2).reshape(batch * n_patches, len(keys), dim)
-        valid = None if masks is None else torch.stack(masks, dim=2).reshape(batch * n_patches, len(keys))
-        fused = self.fusion(key_tokens, values, valid).reshape(batch, n_patches, dim)
-        position_valid = None if valid is None else valid.any(dim=1).reshape(batch, n_patches)
+        # Per sample, a stem runs only if its modality has a valid patch there: a masked token
+        # never reaches the output.
+        queries = self.fusion.token_queries() if folded is None else None
+        values, logits, rows = [], [], []
+        for i, key in enumerate(keys):
+            index = None if masks is None else _row_index(masks[i].any(dim=1))
+            image = inputs[key] if index is None else inputs[key].index_select(0, index)
+            v, lg = self._stem(key, image, folded, True, queries)
+            values.append(v)
+            logits.append(lg)
+            rows.append(index)
+        valid = None if masks is None else torch.stack(masks, dim=2)
+        fused = self.fusion.combine(values, logits, rows, valid, batch)
+        position_valid = None if valid is None else valid.any(dim=2)
         if position_valid is not None and bool(position_valid.all()):
             position_valid = None
         return self._output(fused, folded), position_valid
 
 
-def _take_rows(tensor: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """The rows of ``tensor`` where ``selected`` (bool per row) is True."""
-    return tensor if bool(selected.all()) else tensor[selected]
-
-
-def _put_rows(rows_tensor: torch.Tensor, selected: torch.Tensor, batch: int) -> torch.Tensor:
-    """Place the rows computed for ``selected`` samples into a zero tensor of ``batch`` rows."""
-    if rows_tensor.shape[0] == batch:
-        return rows_tensor
+def _row_index(selected: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows where ``selected`` (bool per row) is True; None when all are."""
     index = selected.nonzero().squeeze(1)
-    full = rows_tensor.new_zeros((batch,) + tuple(rows_tensor.shape[1:]))
-    return full.index_copy(0, index, rows_tensor)
+    return None if index.numel() == selected.numel() else index

@@ -123,7 +123,7 @@ def test_fusion_matches_a_per_position_loop(model, images):
     with torch.no_grad():
         tokens = torch.stack([pe.modality_tokens(k, images[k]) for k in keys], 2).reshape(B * 16, 3, -1)
         values = pe.projection.value(tokens)
-        batched = fusion(fusion.key_proj(tokens), values, valid)
+        batched = fusion(tokens, values, valid)
         Q = (fusion.queries.double() @ fusion.query_proj.weight.double().T + fusion.query_proj.bias.double())
         heads = fusion.num_heads
         dim = Q.shape[-1]
