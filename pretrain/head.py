@@ -92,7 +92,8 @@ def build_student_teacher(model_name: str, head_kwargs: dict, drop_path_rate: fl
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (as two
+    multi-tensor ops over all parameters).
 
     Examples
     --------
@@ -103,8 +104,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     >>> round(teacher.weight.item(), 6)
     0.996
     """
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1.0 - momentum)
+    targets = list(teacher.parameters())
+    sources = [s.detach().to(t.dtype) for t, s in zip(targets, student.parameters())]
+    torch._foreach_mul_(targets, momentum)
+    torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
 
 
 def teacher_forward(teacher: nn.Module, groups) -> torch.Tensor:
