@@ -85,7 +85,7 @@ def make_step(setup: dict, variant: str, device: torch.device):
     """A closure running one full training step of ``variant`` on pre-built batches."""
     from pretrain.head import build_student_teacher, ema_update, teacher_forward
     from pretrain.loss import DualCenteringDINOLoss
-    from pretrain.train import clip_gradients, param_groups
+    from pretrain.train import build_optimizer, clip_gradients
 
     torch.manual_seed(0)
     out_dim, hidden, bottleneck = setup["head"]
@@ -94,7 +94,7 @@ def make_step(setup: dict, variant: str, device: torch.device):
     student, teacher = student.to(device), teacher.to(device).eval()
     alpha = 0.8 if variant == "terrafm" else 1.0
     loss_fn = DualCenteringDINOLoss(out_dim, 2 + setup["n_local"], np.full(10, 0.04), alpha=alpha).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student), lr=1e-4)
+    optimizer = build_optimizer(student, lr=1e-4)  # the optimizer training uses
     batches = make_batches(setup, variant, device)
     amp = device.type == "cuda"
     count = [0]
