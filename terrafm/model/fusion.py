@@ -112,22 +112,23 @@ class CrossAttentionFusion(nn.Module):
         eye = torch.eye(heads, dtype=dtype, device=self.score.device)
         return (self.score.to(dtype).view(heads, -1, 1) * eye.view(heads, 1, heads)).reshape(self.dim, heads)
 
-    def combine(self, values: Sequence[torch.Tensor], logits: Sequence[torch.Tensor],
-                rows: Sequence[torch.Tensor | None], valid: torch.Tensor | None,
-                batch: int) -> torch.Tensor:
-        """Fuse per-modality values that were computed only on the rows holding each modality.
+    def combine(self, values: torch.Tensor, logits: torch.Tensor, index: torch.Tensor | None,
+                valid: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Fuse modality values computed only on the (modality, batch row) pairs that need them.
 
         Parameters
         ----------
-        values : sequence of Tensor (n_m, N, D)
-            Values ``W_v Z`` of modality ``m`` on its ``n_m`` rows.
-        logits : sequence of Tensor (n_m, N, H * N_q)
-            ``F.linear(Z, *self.token_queries())`` on the same rows.
-        rows : sequence of (long Tensor (n_m,) or None)
-            The batch rows of each modality; None for all ``batch`` rows.
-        valid : bool Tensor (batch, N, M), optional
-            Key-padding mask, True where the modality is usable; a modality's rows outside
-            ``rows[m]`` must be False. None: every modality valid everywhere.
+        values : Tensor (R, N, D)
+            Values ``W_v Z`` of ``R`` packed rows, modality-major (all rows of the first
+            modality, then the next...), ``N`` positions each.
+        logits : Tensor (R, N, H * N_q)
+            ``F.linear(Z, *self.token_queries())`` of the same rows.
+        index : long Tensor (R,), optional
+            ``m * batch + b`` for the packed row of modality ``m`` and batch row ``b``; None when
+            the rows are every modality on every batch row, in order (``R = M * batch``).
+        valid : bool Tensor (M, batch, N), optional
+            Key-padding mask, True where the modality is usable; False wherever a (modality,
+            row) pair is not packed. None: every modality valid everywhere.
         batch : int
 
         Returns
@@ -135,40 +136,39 @@ class CrossAttentionFusion(nn.Module):
         Tensor (batch, N, D)
             Positions with one valid modality hold its value exactly; none valid, zero.
         """
-        n_mod = len(values)
-        if n_mod == 1 and valid is None and rows[0] is None:
-            return values[0]
-        n_pos, dim = values[0].shape[1], values[0].shape[2]
-        heads, n_q, dtype = self.num_heads, self.num_queries, values[0].dtype
-        score_map = self._score_map(dtype)
-        # (batch, N, H, N_q, M) attention logits and (batch, N, H, M) value . p_r per head
-        logit = torch.stack([_put_rows(x, r, batch) for x, r in zip(logits, rows)], dim=-1)
-        logit = logit.to(dtype).view(batch, n_pos, heads, n_q, n_mod)
-        head_scores = torch.stack([_put_rows(v @ score_map, r, batch) for v, r in zip(values, rows)], dim=-1)
+        n_rows, n_pos, dim = values.shape
+        n_mod = valid.shape[0] if valid is not None else n_rows // batch
+        if n_mod == 1 and valid is None:
+            return values
+        heads, n_q, dtype = self.num_heads, self.num_queries, values.dtype
+
+        def modality_major(x):  # (R, ...) -> (M, batch, ...), zero where a pair is not packed
+            if index is not None:
+                x = x.new_zeros((n_mod * batch,) + x.shape[1:]).index_copy(0, index, x)
+            return x.view((n_mod, batch) + x.shape[1:])
+
+        logit = modality_major(logits.to(dtype)).view(n_mod, batch, n_pos, heads, n_q)
+        head_scores = modality_major(values @ self._score_map(dtype))          # (M, batch, N, H)
         if valid is not None:
-            # positions without a valid modality attend to all (finite) and are zeroed below
-            usable = valid | ~valid.any(dim=-1, keepdim=True)
-            logit = logit.masked_fill(~usable[:, :, None, None, :], float("-inf"))
-        attn = logit.softmax(dim=-1)
-        # z'_j . p_r, summed over modalities first: a masked modality adds exact zeros
-        query_logit = (attn * head_scores.unsqueeze(3)).sum(dim=-1).sum(dim=2)      # (batch, N, N_q)
-        weights = query_logit.softmax(dim=-1)
-        coef = (attn * weights[:, :, None, :, None]).sum(dim=3)                      # (batch, N, H, M)
+            # an invalid modality is ignored where another one is valid; where none is, all
+            # are attended (finite) and the output is zeroed below
+            ignored = ~valid & valid.any(dim=0)
+            logit = logit.masked_fill(ignored[..., None, None], float("-inf"))
+        attn = logit.softmax(dim=0)                                           # (M, batch, N, H, N_q)
+        # z'_j . p_r, summed over modalities first: an ignored modality adds exact zeros
+        query_logit = (attn * head_scores.unsqueeze(-1)).sum(dim=0).sum(dim=2)  # (batch, N, N_q)
+        coef = (attn * query_logit.softmax(dim=-1)[:, :, None, :]).sum(dim=-1)  # (M, batch, N, H)
         if valid is not None:
-            count = valid.sum(dim=-1)
-            coef = torch.where((count <= 1)[:, :, None, None], valid[:, :, None, :].to(dtype), coef)
-        elif n_mod == 1:
-            coef = torch.ones_like(coef)
-        fused = None
-        for m, (v, r) in enumerate(zip(values, rows)):
-            c = coef[..., m] if r is None else coef[..., m].index_select(0, r)       # (n_m, N, H)
-            part = (v.view(v.shape[0], n_pos, heads, dim // heads) * c.unsqueeze(-1)).view(v.shape[0], n_pos, dim)
-            if r is None:
-                fused = part if fused is None else fused + part
-            else:
-                base = part.new_zeros((batch, n_pos, dim)) if fused is None else fused
-                fused = base.index_add(0, r, part)
-        return fused
+            one_or_none = valid.sum(dim=0) <= 1
+            coef = torch.where(one_or_none[..., None], valid[..., None].to(dtype), coef)
+        coef = coef.reshape(n_mod * batch, n_pos, heads)
+        if index is not None:
+            coef = coef.index_select(0, index)
+        weighted = (values.view(n_rows, n_pos, heads, dim // heads) * coef.unsqueeze(-1)).view(n_rows, n_pos, dim)
+        if index is None:
+            return weighted.view(n_mod, batch, n_pos, dim).sum(dim=0)
+        # rows added in packed (modality) order, like the sum above
+        return weighted.new_zeros((batch, n_pos, dim)).index_add(0, index % batch, weighted)
 
     def forward(self, tokens: torch.Tensor, values: torch.Tensor,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,16 +189,7 @@ class CrossAttentionFusion(nn.Module):
         -------
         Tensor (P, D)
         """
-        n_mod = values.shape[1]
         logits = F.linear(tokens, *self.token_queries(tokens.dtype))
-        fused = self.combine([values[None, :, m] for m in range(n_mod)], [logits[None, :, m] for m in range(n_mod)],
-                             [None] * n_mod, None if valid is None else valid[None], 1)
+        fused = self.combine(values.transpose(0, 1).contiguous(), logits.transpose(0, 1).contiguous(), None,
+                             None if valid is None else valid.T[:, None], 1)
         return fused[0]
-
-
-def _put_rows(rows_tensor: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """Place the ``rows`` of a ``batch``-row tensor (zero elsewhere); ``rows`` None: all rows."""
-    if rows is None:
-        return rows_tensor
-    full = rows_tensor.new_zeros((batch,) + tuple(rows_tensor.shape[1:]))
-    return full.index_copy(0, rows, rows_tensor)

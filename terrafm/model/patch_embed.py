@@ -70,10 +70,13 @@ class _FoldedStem:
             shape = conv.weight.shape
             wc = conv.weight.double().reshape(shape[0], -1)
             offset = conv.bias.double() + getattr(embed, f"{key}_embed").double().reshape(-1)
-            folded[f"{key}.value.weight"] = (w1 @ wc).reshape(shape).to(dtype)
-            folded[f"{key}.value.bias"] = (w1 @ offset).to(dtype)
-            folded[f"{key}.logits.weight"] = (wq @ wc).reshape((wq.shape[0],) + tuple(shape[1:])).to(dtype)
-            folded[f"{key}.logits.bias"] = (wq @ offset + bq).to(dtype)
+            value_weight, value_bias = w1 @ wc, w1 @ offset
+            folded[f"{key}.value.weight"] = value_weight.reshape(shape).to(dtype)
+            folded[f"{key}.value.bias"] = value_bias.to(dtype)
+            # for fusion: the value map and the fusion logits as one conv (extra output channels)
+            folded[f"{key}.fusion.weight"] = torch.cat([value_weight, wq @ wc]).reshape(
+                (shape[0] + wq.shape[0],) + tuple(shape[1:])).to(dtype)
+            folded[f"{key}.fusion.bias"] = torch.cat([value_bias, wq @ offset + bq]).to(dtype)
         w2, b2 = proj.proj2.weight.double(), proj.proj2.bias.double()
         w3, b3 = proj.proj3.weight.double(), proj.proj3.bias.double()
         folded["out.weight"] = (w3 @ w2).to(dtype)
@@ -110,22 +113,16 @@ class ModalityPatchEmbed(nn.Module):
         patches = getattr(self, f"conv2d_{key}")(image).flatten(2).transpose(1, 2)
         return patches + getattr(self, f"{key}_embed")
 
-    def _stem(self, key: str, image: torch.Tensor, folded, with_logits: bool = False, queries=None):
-        """Values ``norm_input(proj1(Z))`` of one modality and, ``with_logits``, its fusion
-        logits (``queries``: the fusion's :meth:`~CrossAttentionFusion.token_queries`, needed
-        unless ``folded``)."""
+    def _stem(self, key: str, image: torch.Tensor, folded) -> torch.Tensor:
+        """Values ``norm_input(proj1(Z))`` of one modality (the released single-modality path)."""
         if folded is None:
-            tokens = self.modality_tokens(key, image)
-            logits = F.linear(tokens, *queries) if with_logits else None
-            return self.projection.value(tokens), logits
+            return self.projection.value(self.modality_tokens(key, image))
+        return self.projection.norm_input(self._patchify(image, folded, f"{key}.value"))
 
-        def patchify(name, pixels):
-            out = F.conv2d(pixels, folded[f"{key}.{name}.weight"], folded[f"{key}.{name}.bias"],
-                           stride=self.patch_size)
-            return out.flatten(2).transpose(1, 2)
-
-        values = self.projection.norm_input(patchify("value", image))
-        return values, (patchify("logits", image) if with_logits else None)
+    def _patchify(self, image: torch.Tensor, folded, name: str) -> torch.Tensor:
+        """A folded stem ``name`` applied to the pixels, shape (B, N, out channels)."""
+        out = F.conv2d(image, folded[f"{name}.weight"], folded[f"{name}.bias"], stride=self.patch_size)
+        return out.flatten(2).transpose(1, 2)
 
     def _output(self, fused: torch.Tensor, folded) -> torch.Tensor:
         if folded is None:
@@ -167,22 +164,34 @@ class ModalityPatchEmbed(nn.Module):
                 keys, masks = [keys[i] for i in used], [masks[i] for i in used]
                 first = inputs[keys[0]]
         if len(keys) == 1 and masks is None:  # the released single-modality path
-            return self._output(self._stem(keys[0], first, folded)[0], folded), None
+            return self._output(self._stem(keys[0], first, folded), folded), None
 
-        # Per sample, a stem runs only if its modality has a valid patch there: a masked token
-        # never reaches the output.
-        queries = self.fusion.token_queries() if folded is None else None
-        values, logits, rows = [], [], []
-        for i, key in enumerate(keys):
-            index = None if masks is None else _row_index(masks[i].any(dim=1))
+        # Per sample, a stem runs only if its modality has a valid patch there (a masked token
+        # never reaches the output); the rows of all modalities are then packed, modality-major,
+        # so that everything after the stems runs once for all of them.
+        rows = [None if masks is None else _row_index(m.any(dim=1)) for m in masks or keys]
+        stems = []
+        for key, index in zip(keys, rows):
             image = inputs[key] if index is None else inputs[key].index_select(0, index)
-            v, lg = self._stem(key, image, folded, True, queries)
-            values.append(v)
-            logits.append(lg)
-            rows.append(index)
-        valid = None if masks is None else torch.stack(masks, dim=2)
-        fused = self.fusion.combine(values, logits, rows, valid, batch)
-        position_valid = None if valid is None else valid.any(dim=2)
+            if folded is None:
+                stems.append(getattr(self, f"conv2d_{key}")(image).flatten(2).transpose(1, 2))
+            else:
+                stems.append(self._patchify(image, folded, f"{key}.fusion"))
+        packed = torch.cat(stems) if len(stems) > 1 else stems[0]
+        if folded is None:
+            embeds = [getattr(self, f"{key}_embed").expand(s.shape[0], -1) for key, s in zip(keys, stems)]
+            tokens = packed + torch.cat(embeds).unsqueeze(1)
+            values, logits = self.projection.value(tokens), F.linear(tokens, *self.fusion.token_queries())
+        else:
+            dim = self.projection.proj1.weight.shape[0]
+            values, logits = self.projection.norm_input(packed[..., :dim]), packed[..., dim:]
+        index = None
+        if any(r is not None for r in rows):
+            every = torch.arange(batch, device=first.device)
+            index = torch.cat([(every if r is None else r) + m * batch for m, r in enumerate(rows)])
+        valid = None if masks is None else torch.stack(masks)
+        fused = self.fusion.combine(values, logits, index, valid, batch)
+        position_valid = None if valid is None else valid.any(dim=0)
         if position_valid is not None and bool(position_valid.all()):
             position_valid = None
         return self._output(fused, folded), position_valid
