@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fusion import CrossAttentionFusion
+from .patchify import PatchConv2d
 
 __all__ = ["ModalityPatchEmbed", "Projection"]
 
@@ -99,8 +100,7 @@ class ModalityPatchEmbed(nn.Module):
         self.patch_size = config.patch_size
         dim = config.attn_dim
         for key in self.modalities:
-            self.add_module(f"conv2d_{key}", nn.Conv2d(config.in_chans(key), dim,
-                                                       config.patch_size, config.patch_size))
+            self.add_module(f"conv2d_{key}", PatchConv2d(config.in_chans(key), dim, config.patch_size))
             self.register_parameter(f"{key}_embed", nn.Parameter(torch.zeros(1, dim)))
         self.projection = Projection(dim, config.embed_dim)
         self.fusion = CrossAttentionFusion(dim, config.fusion_queries, config.fusion_heads)

@@ -1,0 +1,32 @@
+"""PatchConv2d equals nn.Conv2d (float64) in outputs and all gradients, on both of its paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from terrafm.model.patchify import PatchConv2d
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 32, 48),     # 6 cells, 18 tokens: GEMM forward
+                                   (9, 3, 64, 64)])    # 16 cells, 144 tokens: conv forward, GEMM backward
+def test_outputs_and_gradients_equal_the_convolution(shape):
+    torch.manual_seed(0)
+    conv = PatchConv2d(shape[1], 8, 16).double()
+    x = torch.rand(*shape, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    grad = torch.randn_like(out)
+    mine = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    ref_out = F.conv2d(x, conv.weight, conv.bias, stride=16)
+    ref = torch.autograd.grad(ref_out, (x, conv.weight, conv.bias), grad)
+    assert out.shape == ref_out.shape
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_inference_and_frozen_weights_take_no_custom_backward():
+    conv = PatchConv2d(2, 4, 16).requires_grad_(False)
+    out = conv(torch.rand(20, 2, 64, 64))
+    assert out.grad_fn is None and out.shape == (20, 4, 4, 4)
