@@ -92,8 +92,8 @@ def build_student_teacher(model_name: str, head_kwargs: dict, drop_path_rate: fl
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (as two
-    multi-tensor ops over all parameters).
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (one
+    multi-tensor lerp over all parameters).
 
     Examples
     --------
@@ -106,8 +106,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """
     targets = list(teacher.parameters())
     sources = [s.detach().to(t.dtype) for t, s in zip(targets, student.parameters())]
-    torch._foreach_mul_(targets, momentum)
-    torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+    torch._foreach_lerp_(targets, sources, 1.0 - momentum)  # one pass: t + (1 - m) (s - t)
 
 
 def teacher_forward(teacher: nn.Module, groups) -> torch.Tensor:

@@ -188,15 +188,16 @@ def build_optimizer(model: torch.nn.Module, **kwargs) -> torch.optim.AdamW:
 def clip_gradients(model: torch.nn.Module, clip: float) -> None:
     """Clip every parameter's gradient norm to ``clip`` separately (DINO's per-parameter clip).
 
-    All norms and scalings run as two multi-tensor ops, with no host round trip per parameter:
-    a gradient within the limit is multiplied by exactly 1.
+    The norms are one multi-tensor op and the parameters over the limit are found with a
+    single host sync (not one per parameter); only those gradients are scaled.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    norms = torch.stack(torch._foreach_norm(grads, 2))
-    factors = (clip / (norms.float() + 1e-6)).clamp_(max=1.0)
-    torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors.unbind(), grads)])
+    factors = clip / (torch.stack(torch._foreach_norm(grads, 2)).float() + 1e-6)
+    over = (factors < 1).nonzero().flatten().tolist()
+    if over:
+        torch._foreach_mul_([grads[i] for i in over], [factors[i].to(grads[i].dtype) for i in over])
 
 
 def cancel_last_layer_gradients(model: torch.nn.Module) -> None:
