@@ -172,10 +172,10 @@ class ModalityPatchEmbed(nn.Module):
         rows = [None if masks is None else _row_index(m.any(dim=1)) for m in masks or keys]
         stems = []
         for key, index in zip(keys, rows):
-            image = inputs[key] if index is None else inputs[key].index_select(0, index)
             if folded is None:
-                stems.append(getattr(self, f"conv2d_{key}")(image).flatten(2).transpose(1, 2))
+                stems.append(getattr(self, f"conv2d_{key}")(inputs[key], index).flatten(2).transpose(1, 2))
             else:
+                image = inputs[key] if index is None else inputs[key].index_select(0, index)
                 stems.append(self._patchify(image, folded, f"{key}.fusion"))
         packed = torch.cat(stems) if len(stems) > 1 else stems[0]
         if folded is None:

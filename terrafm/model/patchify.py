@@ -16,10 +16,13 @@ from torch import nn
 __all__ = ["PatchConv2d"]
 
 
-def _patches(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B * H/p * W/p, C * p * p) in the conv weight's (C, kh, kw) order."""
+def _patches(x: torch.Tensor, patch: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> (B * H/p * W/p, C * p * p) in the conv weight's (C, kh, kw) order, of the
+    batch ``rows`` only if given (gathered within the same copy)."""
     b, c, h, w = x.shape
     x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    if rows is not None:
+        x = x.index_select(0, rows)
     return x.reshape(-1, c * patch * patch)
 
 
@@ -69,15 +72,21 @@ class PatchConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, patch_size, stride=patch_size, bias=bias)
         self.patch_size = patch_size
 
-    #: below these sizes the GEMM forward beats the convolution (measured on CPU, 2 threads)
-    GEMM_MAX_CELLS, GEMM_MAX_TOKENS = 4, 128
+    #: below these sizes the GEMM forward beats the convolution (measured on CPU, 2 threads);
+    #: for a subset of rows, which the convolution needs gathered first, up to the larger grid
+    GEMM_MAX_CELLS, GEMM_MAX_TOKENS, GEMM_MAX_CELLS_SUBSET = 4, 128, 16
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        grid_h, grid_w = h // self.patch_size, w // self.patch_size
-        if grid_h * grid_w <= self.GEMM_MAX_CELLS or b * grid_h * grid_w <= self.GEMM_MAX_TOKENS:
-            out = F.linear(_patches(x, self.patch_size), self.weight.view(self.out_channels, -1), self.bias)
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Convolve ``x`` (B, C, H, W), or only its batch ``rows`` (long indices) if given."""
+        b = x.shape[0] if rows is None else rows.numel()
+        grid_h, grid_w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+        cells = grid_h * grid_w
+        if cells <= self.GEMM_MAX_CELLS or b * cells <= self.GEMM_MAX_TOKENS or (
+                rows is not None and cells <= self.GEMM_MAX_CELLS_SUBSET):
+            out = F.linear(_patches(x, self.patch_size, rows), self.weight.view(self.out_channels, -1), self.bias)
             return out.view(b, grid_h, grid_w, -1).permute(0, 3, 1, 2)  # conv layout, as a view
+        if rows is not None:
+            x = x.index_select(0, rows)
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
             return _PatchConvFunction.apply(x, self.weight, self.bias, self.patch_size)
         return F.conv2d(x, self.weight, self.bias, stride=self.patch_size)

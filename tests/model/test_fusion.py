@@ -168,7 +168,7 @@ def test_per_sample_selection_equals_each_sample_alone(grad):
              for k in images}
     rows_seen = {}
     hooks = [getattr(net.patch_embed, f"conv2d_{k}").register_forward_hook(
-        lambda mod, inp, out, k=k: rows_seen.__setitem__(k, inp[0].shape[0])) for k in images]
+        lambda mod, inp, out, k=k: rows_seen.__setitem__(k, out.shape[0])) for k in images]
     with torch.set_grad_enabled(grad):
         batched = net(images, masks)
     for h in hooks:

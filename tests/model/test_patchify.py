@@ -9,16 +9,20 @@ import torch.nn.functional as F
 from terrafm.model.patchify import PatchConv2d
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 32, 48),     # 6 cells, 18 tokens: GEMM forward
-                                   (9, 3, 64, 64)])    # 16 cells, 144 tokens: conv forward, GEMM backward
-def test_outputs_and_gradients_equal_the_convolution(shape):
+@pytest.mark.parametrize("shape, rows", [
+    ((3, 2, 32, 48), None),            # 6 cells, 18 tokens: GEMM forward
+    ((9, 3, 64, 64), None),            # 16 cells, 144 tokens: conv forward, GEMM backward
+    ((12, 3, 64, 64), [0, 3, 4, 11, 7, 8, 9, 10, 1, 2]),  # a subset of rows, 16 cells: GEMM, rows gathered in the patch copy
+    ((4, 2, 96, 80), [3, 1])])         # a subset, 30 cells: gathered, then conv forward, GEMM backward
+def test_outputs_and_gradients_equal_the_convolution(shape, rows):
     torch.manual_seed(0)
     conv = PatchConv2d(shape[1], 8, 16).double()
     x = torch.rand(*shape, dtype=torch.float64, requires_grad=True)
-    out = conv(x)
+    index = None if rows is None else torch.tensor(rows)
+    out = conv(x, index)
     grad = torch.randn_like(out)
     mine = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
-    ref_out = F.conv2d(x, conv.weight, conv.bias, stride=16)
+    ref_out = F.conv2d(x if rows is None else x[index], conv.weight, conv.bias, stride=16)
     ref = torch.autograd.grad(ref_out, (x, conv.weight, conv.bias), grad)
     assert out.shape == ref_out.shape
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
