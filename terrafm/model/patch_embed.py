@@ -151,31 +151,39 @@ class ModalityPatchEmbed(nn.Module):
         first = inputs[keys[0]]
         batch = first.shape[0]
         n_patches = (first.shape[2] // self.patch_size) * (first.shape[3] // self.patch_size)
-        masks = None
-        if patch_valid:
-            masks = [patch_valid[k] if k in patch_valid
-                     else torch.ones(batch, n_patches, dtype=torch.bool, device=first.device)
-                     for k in keys]
-            if all(bool(m.all()) for m in masks):
-                masks = None
-            elif len(keys) > 1 and any(bool(m.any()) for m in masks):
+        valid = None                                                     # (M, B, N) or None
+        if patch_valid and any(k in patch_valid for k in keys):
+            valid = torch.stack([patch_valid[k] if k in patch_valid
+                                 else torch.ones(batch, n_patches, dtype=torch.bool, device=first.device)
+                                 for k in keys])
+            if bool(valid.all()):
+                valid = None
+        if valid is not None:
+            present = valid.any(dim=2)             # (M, B): the modality has a valid patch in the row
+            n_rows = present.sum(dim=1).tolist()
+            used = [i for i, n in enumerate(n_rows) if n]
+            if len(keys) > 1 and used and len(used) < len(keys):
                 # a modality without a single valid patch in the batch cannot change the output
-                used = [i for i, m in enumerate(masks) if bool(m.any())]
-                keys, masks = [keys[i] for i in used], [masks[i] for i in used]
+                keys, n_rows = [keys[i] for i in used], [n_rows[i] for i in used]
+                valid, present = valid[used], present[used]
                 first = inputs[keys[0]]
-        if len(keys) == 1 and masks is None:  # the released single-modality path
+        if len(keys) == 1 and valid is None:  # the released single-modality path
             return self._output(self._stem(keys[0], first, folded), folded), None
 
         # Per sample, a stem runs only if its modality has a valid patch there (a masked token
         # never reaches the output); the rows of all modalities are then packed, modality-major,
         # so that everything after the stems runs once for all of them.
-        rows = [None if masks is None else _row_index(m.any(dim=1)) for m in masks or keys]
+        rows, index = [None] * len(keys), None
+        if valid is not None and any(n != batch for n in n_rows):
+            pairs = present.nonzero()              # (modality, row), modality-major
+            index = pairs[:, 0] * batch + pairs[:, 1]
+            rows = [None if n == batch else r for n, r in zip(n_rows, pairs[:, 1].split(n_rows))]
         stems = []
-        for key, index in zip(keys, rows):
+        for key, sel in zip(keys, rows):
             if folded is None:
-                stems.append(getattr(self, f"conv2d_{key}")(inputs[key], index).flatten(2).transpose(1, 2))
+                stems.append(getattr(self, f"conv2d_{key}")(inputs[key], sel).flatten(2).transpose(1, 2))
             else:
-                image = inputs[key] if index is None else inputs[key].index_select(0, index)
+                image = inputs[key] if sel is None else inputs[key].index_select(0, sel)
                 stems.append(self._patchify(image, folded, f"{key}.fusion"))
         packed = torch.cat(stems) if len(stems) > 1 else stems[0]
         if folded is None:
@@ -185,19 +193,8 @@ class ModalityPatchEmbed(nn.Module):
         else:
             dim = self.projection.proj1.weight.shape[0]
             values, logits = self.projection.norm_input(packed[..., :dim]), packed[..., dim:]
-        index = None
-        if any(r is not None for r in rows):
-            every = torch.arange(batch, device=first.device)
-            index = torch.cat([(every if r is None else r) + m * batch for m, r in enumerate(rows)])
-        valid = None if masks is None else torch.stack(masks)
         fused = self.fusion.combine(values, logits, index, valid, batch)
         position_valid = None if valid is None else valid.any(dim=0)
         if position_valid is not None and bool(position_valid.all()):
             position_valid = None
         return self._output(fused, folded), position_valid
-
-
-def _row_index(selected: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the rows where ``selected`` (bool per row) is True; None when all are."""
-    index = selected.nonzero().squeeze(1)
-    return None if index.numel() == selected.numel() else index

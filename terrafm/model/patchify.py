@@ -23,7 +23,7 @@ def _patches(x: torch.Tensor, patch: int, rows: torch.Tensor | None = None) -> t
     x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
     if rows is not None:
         x = x.index_select(0, rows)
-    return x.reshape(-1, c * patch * patch)
+    return x.reshape(x.shape[0] * x.shape[1] * x.shape[2], c * patch * patch)
 
 
 class _PatchConvFunction(torch.autograd.Function):
@@ -84,7 +84,7 @@ class PatchConv2d(nn.Conv2d):
         if cells <= self.GEMM_MAX_CELLS or b * cells <= self.GEMM_MAX_TOKENS or (
                 rows is not None and cells <= self.GEMM_MAX_CELLS_SUBSET):
             out = F.linear(_patches(x, self.patch_size, rows), self.weight.view(self.out_channels, -1), self.bias)
-            return out.view(b, grid_h, grid_w, -1).permute(0, 3, 1, 2)  # conv layout, as a view
+            return out.view(b, grid_h, grid_w, self.out_channels).permute(0, 3, 1, 2)  # conv layout, as a view
         if rows is not None:
             x = x.index_select(0, rows)
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):

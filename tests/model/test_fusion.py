@@ -89,6 +89,9 @@ def test_all_positions_masked_gives_all_invalid(model, images):
     masks = {k: torch.zeros(B, S, S, dtype=torch.bool) for k in images}
     out = run(model, images, masks)
     assert not out.valid.any() and torch.isfinite(out.cls).all()
+    with torch.enable_grad():  # the training path too (stems on zero rows)
+        trained = model(images, masks)
+    assert not trained.valid.any() and torch.isfinite(trained.cls).all()
 
 
 def test_pixel_masks_reduce_to_patches_at_half_coverage(model, images):
