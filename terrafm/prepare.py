@@ -46,10 +46,11 @@ def solar_day(item, lon: float | None = None) -> _dt.date:
     >>> solar_day(I(), lon=14.9)            # less than a whole hour east: still 5 June
     datetime.date(2021, 6, 5)
     """
+    from .reading import nominal_datetime, solar_date
+
     if lon is None:
         lon = (item.bbox[0] + item.bbox[2]) / 2
-    t = item.datetime.replace(tzinfo=None) + _dt.timedelta(hours=int(lon / 15))
-    return t.date()
+    return solar_date(nominal_datetime(item), lon)
 
 
 def _bands(modality: str) -> list[str]:

@@ -28,7 +28,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GDAL_HTTP_OPTIONS", "TerraFMReadError", "make_driver", "group_items", "group_times", "read_eager", "pc_sign"]
+__all__ = ["GDAL_HTTP_OPTIONS", "TerraFMReadError", "make_driver", "nominal_datetime", "solar_date", "footprint",
+           "group_items", "group_times", "read_eager", "pc_sign"]
 
 GDAL_HTTP_OPTIONS: dict[str, str] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
@@ -214,7 +215,17 @@ def make_driver(sign: Callable[[str, bool], str] | None, gdal_options: Mapping[s
 # ------------------------------------------------------------------------------------------------
 # eager loading: odc-stac's grouping and fusing, straight into numpy
 # ------------------------------------------------------------------------------------------------
-def _nominal_datetime(item) -> _dt.datetime:
+def nominal_datetime(item) -> _dt.datetime:
+    """The item's time as odc-stac takes it (``datetime``, else ``start_datetime``, else
+    ``end_datetime``), in UTC without a time zone.
+
+    Examples
+    --------
+    >>> import pystac
+    >>> period = {"start_datetime": "2023-06-01T10:00:00Z", "end_datetime": "2023-06-30T00:00:00Z"}
+    >>> nominal_datetime(pystac.Item("a", None, None, None, period))
+    datetime.datetime(2023, 6, 1, 10, 0)
+    """
     import pystac.utils
 
     if item.datetime is not None:
@@ -223,6 +234,36 @@ def _nominal_datetime(item) -> _dt.datetime:
         if item.properties.get(key):
             return pystac.utils.str_to_datetime(item.properties[key]).replace(tzinfo=None)
     raise ValueError(f"item {item.id} has no datetime, start_datetime or end_datetime")
+
+
+def solar_date(utc: _dt.datetime, lon: float) -> _dt.date:
+    """Local solar date as odc-stac computes it: UTC time shifted by whole hours of ``lon`` / 15.
+
+    Examples
+    --------
+    >>> solar_date(_dt.datetime(2021, 6, 5, 23, 30), lon=171.0), solar_date(_dt.datetime(2021, 6, 5, 23, 30), lon=14.9)
+    (datetime.date(2021, 6, 6), datetime.date(2021, 6, 5))
+    """
+    return (utc + _dt.timedelta(hours=int(lon / 15))).date()
+
+
+def footprint(item):
+    """The item's footprint in EPSG:4326 (its geometry, else its bbox) as shapely, or ``None``.
+
+    Examples
+    --------
+    >>> import pystac
+    >>> import datetime as dt
+    >>> footprint(pystac.Item("a", None, [0.0, 1.0, 2.0, 3.0], dt.datetime(2023, 6, 1), {})).bounds
+    (0.0, 1.0, 2.0, 3.0)
+    """
+    import shapely.geometry
+
+    if item.geometry:
+        return shapely.geometry.shape(item.geometry)
+    if item.bbox:
+        return shapely.geometry.box(*item.bbox)
+    return None
 
 
 def group_items(items: Sequence, groupby: str, lon: float) -> list[list]:
@@ -242,10 +283,9 @@ def group_items(items: Sequence, groupby: str, lon: float) -> list[list]:
     >>> [[i.id for i in g] for g in group_items([mk("b", 23), mk("a", 10)], "solar_day", lon=-30.0)]
     [['a', 'b']]
     """
-    offset = _dt.timedelta(hours=int(lon / 15))
-    nominal = [_nominal_datetime(i) for i in items]
+    nominal = [nominal_datetime(i) for i in items]
     if groupby == "solar_day":
-        keys = [(t + offset).date() for t in nominal]
+        keys = [solar_date(t, lon) for t in nominal]
     elif groupby == "time":
         keys = nominal
     elif groupby == "id":
@@ -254,16 +294,6 @@ def group_items(items: Sequence, groupby: str, lon: float) -> list[list]:
         keys = [i.properties.get(groupby) for i in items]
     order = sorted(range(len(items)), key=lambda k: (keys[k], nominal[k], items[k].id))
     return [[items[k] for k in group] for _, group in itertools.groupby(order, key=lambda k: keys[k])]
-
-
-def _footprint_hits(item, extent_4326) -> bool:
-    import shapely.geometry
-
-    if item.geometry:
-        return shapely.geometry.shape(item.geometry).intersects(extent_4326)
-    if item.bbox:
-        return shapely.geometry.box(*item.bbox).intersects(extent_4326)
-    return True
 
 
 def group_times(groups: Sequence[Sequence]) -> np.ndarray:
@@ -275,7 +305,7 @@ def group_times(groups: Sequence[Sequence]) -> np.ndarray:
     >>> group_times([[pystac.Item("a", None, None, dt.datetime(2023, 6, 1, 10, 30), {})]])
     array(['2023-06-01T10:30:00.000000000'], dtype='datetime64[ns]')
     """
-    return np.array([_nominal_datetime(g[0]) for g in groups], dtype="datetime64[ns]").reshape(len(groups))
+    return np.array([nominal_datetime(g[0]) for g in groups], dtype="datetime64[ns]")
 
 
 def read_eager(
@@ -313,7 +343,7 @@ def read_eager(
     --------
     >>> arrays = read_eager(group_items(items, "solar_day", lon), {"B04": ("uint16", 0)}, geobox,
     ...                     driver=driver)                                           # doctest: +SKIP
-    >>> arrays["B04"].shape == (len(groups),) + geobox.shape.yx  # doctest: +SKIP
+    >>> arrays["B04"].shape[1:] == geobox.shape.yx  # doctest: +SKIP
     True
     """
     from odc.loader import resolve_load_cfg
@@ -328,7 +358,7 @@ def read_eager(
     load_state = driver.new_load(geobox)
     with driver.restore_env(env, load_state) as ctx:
         for t, group in enumerate(groups):
-            hits = [item for item in group if _footprint_hits(item, extent)]
+            hits = [item for item in group if (shape := footprint(item)) is None or shape.intersects(extent)]
             for key, (_, nodata) in bands.items():
                 dst = arrays[key][t]
                 for n, item in enumerate(hits):

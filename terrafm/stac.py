@@ -276,11 +276,9 @@ def _check_assets(items, spec: sensors.CollectionSpec, keys: list[str]) -> None:
 
 def _check_overlap(geom, items) -> None:
     """Refuse an AOI outside every item footprint, naming a lat/lon swap when that explains it."""
-    import shapely.geometry
     import shapely.ops
 
-    footprints = [shapely.geometry.shape(i.geometry) if i.geometry else shapely.geometry.box(*i.bbox)
-                  for i in items if i.geometry or i.bbox]
+    footprints = [f for f in map(reading.footprint, items) if f is not None]
     if not footprints:
         return
     union = shapely.ops.unary_union(footprints)
