@@ -425,7 +425,7 @@ def load(
     if "worldcover" in by_modality:
         spec = spec_of["worldcover"]
         key = spec.assets["worldcover"]
-        _, arrays = reader.read(by_modality["worldcover"], spec, {key: ("uint8", spec.nodata)})
+        _, _, arrays = reader.read(by_modality["worldcover"], spec, {key: ("uint8", spec.nodata)})
         variables["worldcover"] = (("y", "x"), arrays[key].max(axis=0).astype("uint8"),
                                    {"description": "ESA WorldCover classes (0 = no data)"})
     from odc.geo.xr import xr_coords
@@ -452,22 +452,22 @@ class _Reader:
         self.chunks = None if self.eager else dict(chunks or {"time": 1, "x": 1024, "y": 1024})
         self.lon = geobox.extent.centroid.to_crs("EPSG:4326").points[0][0]
 
-    def groups(self, items) -> list[list]:
-        return reading.group_items(items, self.groupby, self.lon)
-
     def read(self, items, spec: sensors.CollectionSpec, bands: dict[str, tuple[str, float]]):
-        """``(times, {asset key: (time, y, x) array})``, one time step per :meth:`groups` entry."""
+        """``(groups, times, {asset key: (time, y, x) array})``: one time step per group of items."""
         _check_assets(items, spec, list(bands))
+        groups = reading.group_items(items, self.groupby, self.lon)
         if self.eager:
-            groups = self.groups(items)
-            return (reading.group_times(groups),
+            return (groups, reading.group_times(groups),
                     reading.read_eager(groups, bands, self.geobox, driver=self.driver, resampling=self.resampling))
         import odc.stac
 
         cfg = {spec.collection: {"assets": {k: {"data_type": dtype, "nodata": nodata} for k, (dtype, nodata) in bands.items()}}}
         ds = odc.stac.load(items, bands=list(bands), geobox=self.geobox, chunks=self.chunks, groupby=self.groupby,
                            resampling=self.resampling, driver=self.driver, stac_cfg=cfg, fail_on_error=True)
-        return ds.time.values.astype("datetime64[ns]"), {k: ds[k].data for k in bands}
+        if ds.sizes["time"] != len(groups):
+            raise RuntimeError(f"odc-stac made {ds.sizes['time']} time steps of {spec.collection} where terrafm's "
+                               f"grouping makes {len(groups)}: report this with the odc-stac version")
+        return groups, ds.time.values.astype("datetime64[ns]"), {k: ds[k].data for k in bands}
 
 
 @dataclass
@@ -500,14 +500,11 @@ def _s2_part(reader: _Reader, modality: str, spec: sensors.CollectionSpec, items
     bands = {spec.assets[b]: (spec.dtype, spec.nodata) for b in sensors.S2_BANDS}
     if spec.mask_asset:
         bands[spec.mask_asset] = ("uint8", 0)
-    times, arrays = reader.read(items, spec, bands)
+    groups, times, arrays = reader.read(items, spec, bands)
     # the offset still present in each step's DN: a step is offset when any of its granules is
     offset = np.array([sensors.S2_BASELINE_OFFSET
                        if max(_baseline(i) or "00.00" for i in group) >= sensors.S2_OFFSET_BASELINE else 0
-                       for group in reader.groups(items)], dtype="int32")
-    if len(offset) != len(times):
-        raise RuntimeError(f"odc-stac made {len(times)} time steps of {modality} where terrafm's grouping makes "
-                           f"{len(offset)}: report this with the odc-stac version")
+                       for group in groups], dtype="int32")
     scl = arrays.get(spec.mask_asset) if spec.mask_asset else None
     if scl is not None:
         invalid = np.zeros(256, dtype=bool)
@@ -533,7 +530,7 @@ def _s2_part(reader: _Reader, modality: str, spec: sensors.CollectionSpec, items
 
 def _s1_part(reader: _Reader, spec: sensors.CollectionSpec, items: list) -> _Part:
     bands = {spec.assets[b]: (spec.dtype, spec.nodata) for b in sensors.S1_BANDS}
-    times, arrays = reader.read(items, spec, bands)
+    _, times, arrays = reader.read(items, spec, bands)
     vv, vh = arrays[spec.assets["vv"]], arrays[spec.assets["vh"]]
     valid = (vv != spec.nodata) & (vh != spec.nodata) & np.isfinite(vv) & np.isfinite(vh)
     attrs = {"modality": "s1", "units": "linear power", "nodata": spec.nodata}
@@ -544,9 +541,10 @@ def _s1_part(reader: _Reader, spec: sensors.CollectionSpec, items: list) -> _Par
 
 def _exact_index(axis: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Position of each ``axis`` time in ``times`` (-1 where absent); ``times`` sorted."""
-    pos = np.clip(np.searchsorted(times, axis), 0, max(len(times) - 1, 0))
-    found = (pos < len(times)) & (times[pos] == axis) if len(times) else np.zeros(len(axis), bool)
-    return np.where(found, pos, -1)
+    if not len(times):
+        return np.full(len(axis), -1)
+    pos = np.minimum(np.searchsorted(times, axis), len(times) - 1)
+    return np.where(times[pos] == axis, pos, -1)
 
 
 def _take_steps(data, index: np.ndarray, fill):
