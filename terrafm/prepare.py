@@ -25,7 +25,7 @@ from . import sensors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["solar_day", "nearest_index", "pair_nearest", "composite", "detect_modalities", "normalize", "normalize_block",
+__all__ = ["solar_day", "nearest_index", "take_time_steps", "time_gap_attrs", "pair_nearest", "composite", "detect_modalities", "normalize", "normalize_block",
            "stack_bands",
            "FILL_VALUE"]
 
@@ -85,37 +85,60 @@ def nearest_index(target: np.ndarray, source: np.ndarray,
     return index, gaps
 
 
+def take_time_steps(data, index: np.ndarray, fill):
+    """``data`` (time, ...) re-ordered onto the steps ``index``; -1 marks a step it lacks.
+
+    Works on numpy and dask arrays alike; lacking steps hold ``fill`` and the dtype never
+    changes.
+
+    Examples
+    --------
+    >>> take_time_steps(np.array([[1, 1], [2, 2]], "uint16"), np.array([1, -1, 0]), 0).tolist()
+    [[2, 2], [0, 0], [1, 1]]
+    """
+    if len(index) == data.shape[0] and (index == np.arange(len(index))).all():
+        return data
+    present = index >= 0
+    if data.shape[0] == 0:
+        return np.full((len(index),) + data.shape[1:], fill, dtype=data.dtype)
+    picked = data[np.where(present, index, 0)]
+    if present.all():
+        return picked
+    wide = (slice(None),) + (None,) * (data.ndim - 1)
+    return np.where(present[wide], picked, np.asarray(fill, dtype=data.dtype))
+
+
+def time_gap_attrs(window: str | _dt.timedelta) -> dict:
+    """Attributes of ``s1_time_gap`` for a pairing window (one wording for every pairing).
+
+    Examples
+    --------
+    >>> time_gap_attrs("3D")["description"]
+    'S1 minus S2 acquisition time; NaT if none within 3 days 00:00:00'
+    """
+    return {"description": f"S1 minus S2 acquisition time; NaT if none within {pd.Timedelta(window)}"}
+
+
 def pair_nearest(s2: xr.Dataset, s1: xr.Dataset, window: str | _dt.timedelta = "3D") -> xr.Dataset:
     """Put S1 on the S2 time axis: each S2 date gets the nearest S1 acquisition within ``window``.
 
     S2 dates without S1 in the window get NaN ``vv``/``vh``, ``mask_s1`` False and ``s1_time_gap``
-    NaT. ``s1_time_gap`` (time) is S1 time minus S2 time.
+    NaT. ``s1_time_gap`` (time) is S1 time minus S2 time. :func:`terrafm.stac.load` pairs the
+    same way when it loads S2 and S1 together.
 
     Examples
     --------
     >>> paired = pair_nearest(ds_s2, ds_s1, window="6D")                     # doctest: +SKIP
     """
     index, gaps = nearest_index(s2.time.values, s1.time.values, window)
-    has = index >= 0
-    take = xr.DataArray(np.where(has, index, 0), dims="time")
-    picked = s1[["vv", "vh", "mask_s1"]].isel(time=take).drop_vars("time", errors="ignore")
-    picked = picked.assign_coords(time=s2.time)
     new = {}
-    if has.all():  # the common case: no masking pass needed
-        for name in ("vv", "vh"):
-            new[name] = picked[name].astype("float32")
-        new["mask_s1"] = picked["mask_s1"].astype(bool)
-    else:
-        present = xr.DataArray(has, dims="time", coords={"time": s2.time})
-        for name in ("vv", "vh"):
-            new[name] = picked[name].where(present).astype("float32")
-        new["mask_s1"] = (picked["mask_s1"] & present).astype(bool)
-    for name in ("vv", "vh"):
-        new[name].attrs = dict(s1[name].attrs)
-    new["s1_time_gap"] = xr.DataArray(gaps, dims="time", coords={"time": s2.time}, attrs={
-        "description": f"S1 minus S2 acquisition time; NaT if none within {pd.Timedelta(window)}"})
+    for name, dtype, fill in (("vv", np.float32, np.nan), ("vh", np.float32, np.nan), ("mask_s1", bool, False)):
+        var = s1[name].transpose("time", ...)
+        data = var.data if var.dtype == dtype else var.data.astype(dtype)
+        new[name] = xr.Variable(var.dims, take_time_steps(data, index, fill), dict(var.attrs))
+    new["s1_time_gap"] = xr.Variable(("time",), gaps, time_gap_attrs(window))
     out = s2.assign(new)
-    logger.info("paired %d of %d S2 dates with S1 within %s", int(has.sum()), len(index), window)
+    logger.info("paired %d of %d S2 dates with S1 within %s", int((index >= 0).sum()), len(index), window)
     return out
 
 

@@ -547,26 +547,11 @@ def _exact_index(axis: np.ndarray, times: np.ndarray) -> np.ndarray:
     return np.where(times[pos] == axis, pos, -1)
 
 
-def _take_steps(data, index: np.ndarray, fill):
-    """``data`` (time, y, x) re-ordered onto steps ``index`` (-1: absent, filled with ``fill``)."""
-    if len(index) == data.shape[0] and (index == np.arange(len(index))).all():
-        return data
-    present = index >= 0
-    if data.shape[0] == 0:
-        return np.full((len(index),) + data.shape[1:], fill, dtype=data.dtype)
-    picked = data[np.where(present, index, 0)]
-    if present.all():
-        return picked
-    return np.where(present[:, None, None], picked, np.asarray(fill, dtype=data.dtype))
-
-
 def _on_one_time_axis(parts: list[_Part], pair_window) -> tuple[dict, dict]:
     """All parts on one time axis: S1 paired to the S2 dates, or else the union of every date.
 
     Dates a part lacks hold its fill (nodata, NaN for S1, mask False), so dtypes never change.
     """
-    import pandas as pd
-
     from . import prepare
 
     s2 = [p for p in parts if p.modality in ("s2_l2a", "s2_l1c")]
@@ -581,13 +566,12 @@ def _on_one_time_axis(parts: list[_Part], pair_window) -> tuple[dict, dict]:
     for part in parts:
         if pairing and part is s1:
             index, gaps = prepare.nearest_index(axis, part.times, pair_window)
-            gap_variable = (("time",), gaps, {
-                "description": f"S1 minus S2 acquisition time; NaT if none within {pd.Timedelta(pair_window)}"})
+            gap_variable = (("time",), gaps, prepare.time_gap_attrs(pair_window))
             logger.info("paired %d of %d S2 dates with S1 within %s", int((index >= 0).sum()), len(axis), pair_window)
         else:
             index = _exact_index(axis, part.times)
         for name, (data, attrs, fill) in part.variables.items():
-            variables[name] = (("time", "y", "x"), _take_steps(data, index, fill), attrs)
+            variables[name] = (("time", "y", "x"), prepare.take_time_steps(data, index, fill), attrs)
         if part.s2_offset is not None:  # a date of both S2 levels keeps the first level's offset
             first = (index >= 0) & ~has_offset
             offset[first] = part.s2_offset[index[first]]

@@ -496,3 +496,17 @@ def test_eager_load_equals_lazy_load(stac_api_url, sentinel_scene, how):
         assert eager.rio.crs.to_epsg() == 3857
     if how == "harmonized":
         assert list(eager.s2_offset.values) == [0, 0]
+
+
+def test_pair_nearest_of_separate_loads_equals_the_joint_load(items, loaded, sentinel_scene):
+    """``prepare.pair_nearest`` (Datasets) and ``load`` (arrays) pair S1 to S2 the same way."""
+    import xarray as xr
+
+    s2 = load([i for i in items if i.collection_id == "sentinel-2-l2a"], sentinel_scene.aoi_bbox, keep_scl=True)
+    s1 = load([i for i in items if i.collection_id == "sentinel-1-rtc"], sentinel_scene.aoi_bbox)
+    paired = prepare.pair_nearest(s2, s1, window="3D").compute()
+    assert pd.isna(pd.to_timedelta(paired.s1_time_gap.values)).sum() == 2      # two S2 dates without S1
+    for name in ("vv", "vh", "mask_s1", "s1_time_gap"):
+        xr.testing.assert_identical(paired[name], loaded[name])
+    without = ~loaded.mask_s1.values.any(axis=(1, 2))
+    assert np.isnan(paired.vv.values[without]).all() and paired.vv.dtype == np.float32
