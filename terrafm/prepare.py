@@ -317,8 +317,7 @@ def normalize_block(raw: np.ndarray, modality: str, mask: np.ndarray | None = No
     """
     spec = sensors.get_modality(modality)
     raw = np.asarray(raw)
-    nodata = sensors.S1_NODATA if spec.key == "s1" else sensors.S2_NODATA
-    valid = (raw != nodata).all(axis=-3)
+    valid = (raw != spec.nodata).all(axis=-3)
     if np.issubdtype(raw.dtype, np.floating):
         valid &= np.isfinite(raw).all(axis=-3)
     if spec.key == "s1":

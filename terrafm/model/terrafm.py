@@ -18,7 +18,6 @@ from .patch_embed import ModalityPatchEmbed
 __all__ = ["TerraFM", "TerraFMOutput"]
 
 
-
 @dataclass
 class TerraFMOutput:
     """Encoder output, taken after the final norm.
