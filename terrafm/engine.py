@@ -41,6 +41,7 @@ __all__ = ["Engine", "Block", "BlockResult", "ModalityInput", "plan_blocks"]
 
 logger = logging.getLogger(__name__)
 
+
 class ModalityInput(NamedTuple):
     """What the engine reads for one modality (a plain ``(data, mask)`` tuple also works).
 
