@@ -108,10 +108,11 @@ class ModalityPatchEmbed(nn.Module):
             nn.init.trunc_normal_(getattr(self, f"{key}_embed"), std=0.02)
         self._folded = _FoldedStem()
 
-    def modality_tokens(self, key: str, image: torch.Tensor) -> torch.Tensor:
-        """Tokens ``Z = conv(x) + e_m`` of one modality, shape (B, N, attn_dim)."""
-        patches = getattr(self, f"conv2d_{key}")(image).flatten(2).transpose(1, 2)
-        return patches + getattr(self, f"{key}_embed")
+    def modality_tokens(self, key: str, image: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``Z = conv(x) + e_m`` of one modality (of its batch ``rows`` only if given),
+        shape (B, N, attn_dim); ``e_m`` is added through the convolution's bias."""
+        embed = getattr(self, f"{key}_embed").view(-1)
+        return getattr(self, f"conv2d_{key}")(image, rows, embed).flatten(2).transpose(1, 2)
 
     def _stem(self, key: str, image: torch.Tensor, folded) -> torch.Tensor:
         """Values ``norm_input(proj1(Z))`` of one modality (the released single-modality path)."""
@@ -151,16 +152,22 @@ class ModalityPatchEmbed(nn.Module):
         first = inputs[keys[0]]
         batch = first.shape[0]
         n_patches = (first.shape[2] // self.patch_size) * (first.shape[3] // self.patch_size)
-        valid = None                                                     # (M, B, N) or None
+        valid = position_valid = None                     # (M, B, N) and (B, N), or None
         if patch_valid and any(k in patch_valid for k in keys):
             valid = torch.stack([patch_valid[k] if k in patch_valid
                                  else torch.ones(batch, n_patches, dtype=torch.bool, device=first.device)
                                  for k in keys])
-            if bool(valid.all()):
+            present = valid.any(dim=2)             # (M, B): the modality has a valid patch in the row
+            position_valid = valid.any(dim=0)
+            # one host read for every decision below (each read is a device sync on a GPU)
+            summary = torch.cat([present.sum(dim=1), valid.all().view(1).long(),
+                                 position_valid.all().view(1).long()]).tolist()
+            n_rows = summary[:-2]
+            if summary[-1]:
+                position_valid = None
+            if summary[-2]:
                 valid = None
         if valid is not None:
-            present = valid.any(dim=2)             # (M, B): the modality has a valid patch in the row
-            n_rows = present.sum(dim=1).tolist()
             used = [i for i, n in enumerate(n_rows) if n]
             if len(keys) > 1 and used and len(used) < len(keys):
                 # a modality without a single valid patch in the batch cannot change the output
@@ -181,20 +188,15 @@ class ModalityPatchEmbed(nn.Module):
         stems = []
         for key, sel in zip(keys, rows):
             if folded is None:
-                stems.append(getattr(self, f"conv2d_{key}")(inputs[key], sel).flatten(2).transpose(1, 2))
+                stems.append(self.modality_tokens(key, inputs[key], sel))
             else:
                 image = inputs[key] if sel is None else inputs[key].index_select(0, sel)
                 stems.append(self._patchify(image, folded, f"{key}.fusion"))
         packed = torch.cat(stems) if len(stems) > 1 else stems[0]
-        if folded is None:
-            embeds = [getattr(self, f"{key}_embed").expand(s.shape[0], -1) for key, s in zip(keys, stems)]
-            tokens = packed + torch.cat(embeds).unsqueeze(1)
-            values, logits = self.projection.value(tokens), F.linear(tokens, *self.fusion.token_queries())
+        if folded is None:   # packed holds the tokens Z
+            values, logits = self.projection.value(packed), F.linear(packed, *self.fusion.token_queries())
         else:
             dim = self.projection.proj1.weight.shape[0]
             values, logits = self.projection.norm_input(packed[..., :dim]), packed[..., dim:]
         fused = self.fusion.combine(values, logits, index, valid, batch)
-        position_valid = None if valid is None else valid.any(dim=0)
-        if position_valid is not None and bool(position_valid.all()):
-            position_valid = None
         return self._output(fused, folded), position_valid

@@ -76,17 +76,25 @@ class PatchConv2d(nn.Conv2d):
     #: for a subset of rows, which the convolution needs gathered first, up to the larger grid
     GEMM_MAX_CELLS, GEMM_MAX_TOKENS, GEMM_MAX_CELLS_SUBSET = 4, 128, 16
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Convolve ``x`` (B, C, H, W), or only its batch ``rows`` (long indices) if given."""
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Convolve ``x`` (B, C, H, W), or only its batch ``rows`` (long indices) if given.
+
+        ``offset`` (out_channels,) is added to every output (to the bias, not to the output
+        array: a per-channel constant such as a modality embedding costs nothing that way).
+        """
         b = x.shape[0] if rows is None else rows.numel()
         grid_h, grid_w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
         cells = grid_h * grid_w
+        bias = self.bias
+        if offset is not None:
+            bias = offset if bias is None else bias + offset
         if cells <= self.GEMM_MAX_CELLS or b * cells <= self.GEMM_MAX_TOKENS or (
                 rows is not None and cells <= self.GEMM_MAX_CELLS_SUBSET):
-            out = F.linear(_patches(x, self.patch_size, rows), self.weight.view(self.out_channels, -1), self.bias)
+            out = F.linear(_patches(x, self.patch_size, rows), self.weight.view(self.out_channels, -1), bias)
             return out.view(b, grid_h, grid_w, self.out_channels).permute(0, 3, 1, 2)  # conv layout, as a view
         if rows is not None:
             x = x.index_select(0, rows)
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
-            return _PatchConvFunction.apply(x, self.weight, self.bias, self.patch_size)
-        return F.conv2d(x, self.weight, self.bias, stride=self.patch_size)
+            return _PatchConvFunction.apply(x, self.weight, bias, self.patch_size)
+        return F.conv2d(x, self.weight, bias, stride=self.patch_size)

@@ -14,20 +14,29 @@ from terrafm.model.patchify import PatchConv2d
     ((9, 3, 64, 64), None),            # 16 cells, 144 tokens: conv forward, GEMM backward
     ((12, 3, 64, 64), [0, 3, 4, 11, 7, 8, 9, 10, 1, 2]),  # a subset of rows, 16 cells: GEMM, rows gathered in the patch copy
     ((4, 2, 96, 80), [3, 1])])         # a subset, 30 cells: gathered, then conv forward, GEMM backward
-def test_outputs_and_gradients_equal_the_convolution(shape, rows):
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_outputs_and_gradients_equal_the_convolution(shape, rows, with_offset):
+    """Also with a per-channel ``offset`` (a modality embedding) folded into the bias: it must get
+    the gradient of an offset added to the output."""
     torch.manual_seed(0)
     conv = PatchConv2d(shape[1], 8, 16).double()
     x = torch.rand(*shape, dtype=torch.float64, requires_grad=True)
+    offset = torch.randn(8, dtype=torch.float64, requires_grad=True)
     index = None if rows is None else torch.tensor(rows)
-    out = conv(x, index)
+    out = conv(x, index, offset if with_offset else None)
     grad = torch.randn_like(out)
-    mine = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    mine = torch.autograd.grad(out, (x, conv.weight, conv.bias, offset), grad, allow_unused=True)
     ref_out = F.conv2d(x if rows is None else x[index], conv.weight, conv.bias, stride=16)
-    ref = torch.autograd.grad(ref_out, (x, conv.weight, conv.bias), grad)
+    if with_offset:
+        ref_out = ref_out + offset[:, None, None]
+    ref = torch.autograd.grad(ref_out, (x, conv.weight, conv.bias, offset), grad, allow_unused=True)
     assert out.shape == ref_out.shape
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     for a, b in zip(mine, ref):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        if b is None:   # no offset: it takes no part
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_inference_and_frozen_weights_take_no_custom_backward():
