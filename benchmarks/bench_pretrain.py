@@ -8,7 +8,12 @@ by side in one run:
   ``pretrain.train.collate`` builds them; fusion where several are chosen) and the
   dual-centering loss (half the samples feed c_h);
 - ``plain_dino``: S2 L2A only through its stem, the usual single DINO center (alpha = 1, c_h
-  never fed).
+  never fed);
+- ``stems_only`` (a diagnostic, not a training mode): ``terrafm``'s inputs and modality choices
+  through the same stems, proj1 and norm, but the modality tokens of a position summed instead of
+  fused, and the single center. ``stems_only / plain_dino`` is the cost of the work modality
+  augmentation adds by itself (about 1.6 stems per view instead of one, more rows through proj1,
+  two more stems to update); ``terrafm / stems_only`` is the cost of the fusion and dual centering.
 
 A step = teacher forward on 2 globals (``pretrain.head.teacher_forward``, as in training),
 student forward on 2 globals + J locals, loss, backward, per-parameter clip, AdamW step, EMA. Inputs are random normalized tensors generated before
@@ -37,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +54,15 @@ SETUPS = {  # model, batch, global, local, n_local, head (out, hidden, bottlenec
     "base": dict(model="terrafm_base", batch=2, global_size=224, local_size=96, n_local=2,
                  head=(65536, 2048, 256)),
 }
-VARIANTS = ("terrafm", "plain_dino")
+VARIANTS = ("terrafm", "plain_dino", "stems_only")
+MEMORY_VARIANTS = ("terrafm", "plain_dino")
 MODALITIES = ("s2_l2a", "s2_l1c", "s1")
 CHANNELS = {"s2_l2a": 12, "s2_l1c": 12, "s1": 2}
 ROOT = Path(__file__).resolve().parents[1]
+N_BATCHES = 3  # batches built before timing and cycled
 
 
-def make_batches(setup: dict, variant: str, device: torch.device, n_batches: int = 3, seed: int = 0):
+def make_batches(setup: dict, variant: str, device: torch.device, n_batches: int = N_BATCHES, seed: int = 0):
     """``n_batches`` (teacher groups, student groups, frequent) tuples, built before timing."""
     from pretrain.augment import select_modalities
 
@@ -81,6 +89,13 @@ def make_batches(setup: dict, variant: str, device: torch.device, n_batches: int
              frequent) for _ in range(n_batches)]
 
 
+def _sum_modalities(fusion, values, logits, index, valid, batch):
+    """``stems_only``: the packed modality values of each batch row summed, in place of the fusion."""
+    if index is None:
+        return values.view(-1, batch, *values.shape[1:]).sum(0)
+    return values.new_zeros((batch,) + values.shape[1:]).index_add(0, index % batch, values)
+
+
 def make_step(setup: dict, variant: str, device: torch.device):
     """A closure running one full training step of ``variant`` on pre-built batches."""
     from pretrain.head import build_student_teacher, ema_update, teacher_forward
@@ -92,6 +107,10 @@ def make_step(setup: dict, variant: str, device: torch.device):
     student, teacher = build_student_teacher(setup["model"], dict(out_dim=out_dim, hidden_dim=hidden,
                                                                   bottleneck_dim=bottleneck))
     student, teacher = student.to(device), teacher.to(device).eval()
+    if variant == "stems_only":
+        for net in (student, teacher):
+            fusion = net.backbone.patch_embed.fusion
+            fusion.combine = types.MethodType(_sum_modalities, fusion)
     alpha = 0.8 if variant == "terrafm" else 1.0
     loss_fn = DualCenteringDINOLoss(out_dim, 2 + setup["n_local"], np.full(10, 0.04), alpha=alpha).to(device)
     optimizer = build_optimizer(student, lr=1e-4)  # the optimizer training uses
@@ -147,6 +166,21 @@ def peak_rss_in_subprocess(config: str, variant: str, steps: int, threads: int) 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def count_flops(step, n_batches: int = N_BATCHES) -> float:
+    """Mean matmul/convolution FLOPs of a step over the cycled batches (runs ``n_batches`` steps).
+
+    ``plain_dino`` FLOPs / ``terrafm`` FLOPs is the ratio the two would reach if both ran at the
+    same FLOP rate: the work modality augmentation adds (more stems per view, more rows through
+    the projection) caps the ratio there, however cheap the rest of the step is made.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(n_batches):
+            step()
+    return counter.get_total_flops() / n_batches
+
+
 def time_interleaved(steps: dict, rounds: int, steps_per_round: int) -> dict:
     """Per variant, lists of (wall s, CPU s) per step; variants alternate step by step."""
     times = {v: {"wall": [], "cpu": []} for v in steps}
@@ -181,21 +215,25 @@ def main() -> None:
             setup = SETUPS[config]
             load_before = os.getloadavg()
             steps = {v: make_step(setup, v, device) for v in VARIANTS}
-            for s in steps.values():
-                s()  # warm-up
+            flops = {v: count_flops(s) for v, s in steps.items()}  # also the warm-up
             times = time_interleaved(steps, args.rounds, args.steps)
             row = {"device": device.type, "config": config, "batch": setup["batch"],
                    "crops": f"2x{setup['global_size']} + {setup['n_local']}x{setup['local_size']}",
                    "steps_per_variant": args.rounds * args.steps}
+            for v in VARIANTS:
+                row[f"{v}_gflop_per_step"] = round(flops[v] / 1e9, 3)
+            row["flop_bound"] = round(flops["plain_dino"] / flops["terrafm"], 3)
             for clock in ("wall", "cpu"):
                 rate = {v: setup["batch"] / statistics.median(t[clock]) for v, t in times.items()}
-                row[f"terrafm_samples_s_{clock}"] = float(f"{rate['terrafm']:.4g}")
-                row[f"plain_dino_samples_s_{clock}"] = float(f"{rate['plain_dino']:.4g}")
+                for v in VARIANTS:
+                    row[f"{v}_samples_s_{clock}"] = float(f"{rate[v]:.4g}")
                 row[f"ratio_{clock}"] = round(rate["terrafm"] / rate["plain_dino"], 3)
+                row[f"stems_only_vs_plain_{clock}"] = round(rate["stems_only"] / rate["plain_dino"], 3)
+                row[f"terrafm_vs_stems_only_{clock}"] = round(rate["terrafm"] / rate["stems_only"], 3)
             row["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
             if device.type == "cpu" and not args.no_memory:
                 del steps
-                for v in VARIANTS:
+                for v in MEMORY_VARIANTS:
                     peak = peak_rss_in_subprocess(config, v, 2, args.threads)
                     row[f"{v}_peak_rss_mb"] = peak["peak_rss_mb"]
                     row[f"{v}_step_peak_mb"] = peak["step_peak_mb"]  # above models + optimizer state
@@ -207,8 +245,10 @@ def main() -> None:
                     row[f"{v}_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 row["note"] = "bf16 autocast"
             print(json.dumps(row), flush=True)
-    print("ratio = terrafm samples/s / plain single-modality DINO samples/s (target >= 0.9); "
-          "wall and process-CPU clocks, medians of interleaved steps")
+    print("flop_bound = plain_dino / terrafm matmul+conv FLOPs per step, the ratio at equal FLOP rates; "
+          "ratio = terrafm samples/s / plain single-modality DINO samples/s (target >= 0.9); "
+          "stems_only_vs_plain = the extra work of modality augmentation alone, terrafm_vs_stems_only = "
+          "the fusion and dual centering; wall and process-CPU clocks, medians of interleaved steps")
 
 
 if __name__ == "__main__":
