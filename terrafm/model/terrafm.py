@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Mapping, Sequence
@@ -149,16 +150,20 @@ class TerraFM(nn.Module):
             if not x.is_floating_point():
                 raise TypeError(f"{key}: expected a normalized float tensor, got {x.dtype}; "
                                 "apply terrafm.sensors.normalize first")
-            # a finite sum proves every element finite (NaN and inf propagate) at ~1/100 of the
-            # element-wise test's cost; only a non-finite (e.g. overflowing) sum needs that test
-            if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{key}: input contains NaN or inf; fill nodata/clouds (e.g. with "
-                                 "0.5 after normalization) and pass a validity mask in `masks`")
             if shape is None:
                 shape = (b, h, w)
             elif (b, h, w) != shape:
                 raise ValueError(f"modalities disagree on batch or size: {key} is {(b, h, w)} "
                                  f"(B, H, W) but another is {shape}; co-register and batch them together")
+        # a finite sum proves every element finite (NaN and inf propagate) at ~1/100 of the
+        # element-wise test's cost; only a non-finite (e.g. overflowing) sum needs that test.
+        # The sums of all modalities are read to the host at once (one device sync, not one each).
+        sums = torch.stack([x.sum(dtype=torch.float32) for x in inputs.values()])
+        if not bool(torch.isfinite(sums).all()):
+            for (key, x), total in zip(inputs.items(), sums.tolist()):
+                if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{key}: input contains NaN or inf; fill nodata/clouds (e.g. with "
+                                     "0.5 after normalization) and pass a validity mask in `masks`")
         b, h, w = shape
         gh, gw = h // self.patch_size, w // self.patch_size
         patch_valid = {}

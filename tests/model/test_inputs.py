@@ -41,6 +41,20 @@ def test_non_finite_input_points_to_masks(model, value):
         model({"s2_l2a": image})
 
 
+def test_non_finite_input_is_named_among_several_modalities(model):
+    s1 = x(c=2)
+    s1[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^s1: input contains NaN"):
+        model({"s2_l2a": x(), "s1": s1})
+
+
+def test_finite_input_whose_sum_overflows_is_accepted(model):
+    """The fast test sums the input; a sum that overflows must fall back to the element test."""
+    image = torch.full((2, 12, 32, 32), 3e38)
+    assert not torch.isfinite(image.sum())
+    assert model.eval()({"s2_l2a": image}).cls.shape == (2, model.embed_dim)
+
+
 def test_bad_masks(model):
     with pytest.raises(ValueError, match=r"per pixel \(2, 32, 32\) or per patch \(2, 2, 2\)"):
         model({"s1": x(c=2)}, {"s1": torch.ones(2, 3, 3, dtype=torch.bool)})
