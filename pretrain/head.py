@@ -62,7 +62,9 @@ class DINONetwork(nn.Module):
         groups (e.g. global and local crops, which differ in size) concatenated along the batch,
         in one call so that DDP sees a single forward."""
         if isinstance(inputs, (list, tuple)):
-            return torch.cat([self.head(self.backbone(i, m).cls) for i, m in inputs])
+            # the fusion's query map depends on the parameters only: built once for all groups
+            with self.backbone.patch_embed.fusion.reuse_token_queries():
+                return torch.cat([self.head(self.backbone(i, m).cls) for i, m in inputs])
         return self.head(self.backbone(inputs, masks).cls)
 
 

@@ -20,7 +20,9 @@ and the ``N_q x D`` attended tokens are never formed.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,8 @@ class CrossAttentionFusion(nn.Module):
         self.query_proj = nn.Linear(dim, dim)
         self.key_proj = nn.Linear(dim, dim)
         self.score = nn.Parameter(torch.empty(dim))
+        self._reused_queries: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reusing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,6 +98,13 @@ class CrossAttentionFusion(nn.Module):
         weight : Tensor (H * N_q, D)
         bias : Tensor (H * N_q,)
         """
+        if not self._reusing or dtype is not None:
+            return self._token_queries(dtype)
+        if self._reused_queries is None:
+            self._reused_queries = self._token_queries(None)
+        return self._reused_queries
+
+    def _token_queries(self, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
         heads, head_dim = self.num_heads, self.dim // self.num_heads
 
         def cast(t):
@@ -104,6 +115,30 @@ class CrossAttentionFusion(nn.Module):
         weight = torch.matmul(q, cast(self.key_proj.weight).view(heads, head_dim, self.dim))
         bias = torch.matmul(q, cast(self.key_proj.bias).view(heads, head_dim, 1))
         return weight.reshape(heads * self.num_queries, self.dim), bias.reshape(-1)
+
+    @contextlib.contextmanager
+    def reuse_token_queries(self) -> Iterator[None]:
+        """Compute :meth:`token_queries` once for the whole block and reuse it.
+
+        For several forward passes with the same parameters, e.g. the global and the local
+        crops of one training step (``pretrain.head.DINONetwork``): the map is built once and
+        its gradient accumulates from every use. Do not change the parameters inside the block.
+
+        Examples
+        --------
+        >>> fusion = CrossAttentionFusion(dim=32, num_queries=5, num_heads=4)
+        >>> with fusion.reuse_token_queries():
+        ...     fusion.token_queries()[0] is fusion.token_queries()[0]
+        True
+        """
+        if self._reusing:   # nested: the outer block owns the map
+            yield
+            return
+        self._reusing = True
+        try:
+            yield
+        finally:
+            self._reusing, self._reused_queries = False, None
 
     def combine(self, values: torch.Tensor, logits: torch.Tensor, index: torch.Tensor | None,
                 valid: torch.Tensor | None, batch: int) -> torch.Tensor:

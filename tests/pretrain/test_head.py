@@ -41,3 +41,37 @@ def test_ema_update_formula():
     ema_update(teacher, student, 0.9)
     for t0, t1, s in zip(before, teacher.parameters(), student.parameters()):
         torch.testing.assert_close(t1.double(), 0.9 * t0 + 0.1 * s.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_groups_share_one_query_map_with_the_gradients_of_separate_forwards():
+    """A forward over several crop groups builds the fusion's query map once; outputs and every
+    gradient equal those of the groups run one by one (each building its own map)."""
+    student, _ = build_student_teacher("terrafm_tiny", HEAD, drop_path_rate=0.0)
+    g = torch.Generator().manual_seed(0)
+
+    def group(n, size):
+        images = {"s2_l2a": torch.rand(n, 12, size, size, generator=g), "s1": torch.rand(n, 2, size, size, generator=g)}
+        keep = torch.tensor([True, False, True, True][:n])
+        return images, {"s1": keep[:, None, None].expand(n, size // 16, size // 16).contiguous()}
+
+    groups = [group(4, 64), group(3, 32)]
+    fusion = student.backbone.patch_embed.fusion
+    built = []
+    original = fusion._token_queries
+    fusion._token_queries = lambda dtype: built.append(dtype) or original(dtype)
+    shared = student(groups)
+    assert built == [None]                      # one map for both groups
+    (shared.square().sum()).backward()
+    shared_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    student.zero_grad()
+    separate = torch.cat([student(i, m) for i, m in groups])
+    assert built == [None, None, None]          # outside the block: one map per forward
+    (separate.square().sum()).backward()
+    torch.testing.assert_close(shared, separate, rtol=0, atol=0)
+    assert shared_grads.keys() == {n for n, p in student.named_parameters() if p.grad is not None}
+    for name, p in student.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(shared_grads[name], p.grad, rtol=1e-6, atol=1e-9, msg=name)
+    assert shared_grads["backbone.patch_embed.fusion.queries"].abs().sum() > 0
+    assert fusion._reused_queries is None       # nothing kept after the block
