@@ -1,19 +1,30 @@
 """Training-step throughput of TerraFM pretraining against a plain single-modality DINO step.
 
-Both variants use the same backbone, head, optimizer, multi-crop sizes and batch, measured side
+The setups are the shipped configs, with the batch capped for a CPU: ``tiny`` is
+``pretrain/configs/tiny_cpu.yaml`` (terrafm_tiny, S2 L2A + S1, batch 8) and ``base`` is
+``pretrain/configs/vitb_paper.yaml`` (TerraFM-B, S2 L2A + S2 L1C + S1, 2 x 224 + 10 x 96 crops,
+batch 2). ``tiny_3mod`` is a stress case: the paper's three modalities on terrafm_tiny, whose
+stem (3072 -> 192 per token) outweighs its two-block 64-wide trunk, so that the stems modality
+augmentation adds weigh most.
+
+All variants use the same backbone, head, optimizer, multi-crop sizes and batch, measured side
 by side in one run:
 
-- ``terrafm``: modality augmentation (per view and sample, independent for student and
-  teacher, threshold 0.5, over S2 L2A + S2 L1C + S1, selection carried by the masks as
+- ``terrafm``: modality augmentation over the config's modalities (per view and sample,
+  independent for student and teacher, the config's threshold, selection carried by the masks as
   ``pretrain.train.collate`` builds them; fusion where several are chosen) and the
-  dual-centering loss (half the samples feed c_h);
+  dual-centering loss (the config's alpha, half the samples feed c_h);
 - ``plain_dino``: S2 L2A only through its stem, the usual single DINO center (alpha = 1, c_h
   never fed);
 - ``stems_only`` (a diagnostic, not a training mode): ``terrafm``'s inputs and modality choices
   through the same stems, proj1 and norm, but the modality tokens of a position summed instead of
   fused, and the single center. ``stems_only / plain_dino`` is the cost of the work modality
-  augmentation adds by itself (about 1.6 stems per view instead of one, more rows through proj1,
-  two more stems to update); ``terrafm / stems_only`` is the cost of the fusion and dual centering.
+  augmentation adds or saves by itself (with three modalities about 1.6 stems per view instead
+  of one, more rows through proj1, two more stems to update); ``terrafm / stems_only`` is the
+  cost of the fusion and dual centering.
+
+Each row also gives the matmul/convolution FLOPs per step of every variant and ``flop_bound`` =
+plain / terrafm FLOPs, the ratio the two would reach at equal FLOP rates.
 
 A step = teacher forward on 2 globals (``pretrain.head.teacher_forward``, as in training),
 student forward on 2 globals + J locals, loss, backward, per-parameter clip, AdamW step, EMA. Inputs are random normalized tensors generated before
@@ -30,7 +41,7 @@ and the peak RSS over the timed steps is read from ``VmHWM``. ``MALLOC_MMAP_THRE
 in the child so freed tensors go back to the OS and RSS follows the live tensors. On CUDA:
 ``torch.cuda.max_memory_allocated`` per variant.
 
-    python benchmarks/bench_pretrain.py [--configs tiny base] [--steps 2] [--rounds 5]
+    python benchmarks/bench_pretrain.py [--configs tiny base tiny_3mod] [--steps 2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -48,15 +59,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SETUPS = {  # model, batch, global, local, n_local, head (out, hidden, bottleneck)
-    "tiny": dict(model="terrafm_tiny", batch=16, global_size=64, local_size=32, n_local=4,
-                 head=(4096, 256, 64)),
-    "base": dict(model="terrafm_base", batch=2, global_size=224, local_size=96, n_local=2,
-                 head=(65536, 2048, 256)),
+#: setup name -> (shipped config, batch cap on a CPU)
+CONFIG_SETUPS = {"tiny": ("tiny_cpu", 8), "base": ("vitb_paper", 2)}
+#: not a shipped config: the paper's three modalities on the smallest model
+STRESS_SETUPS = {
+    "tiny_3mod": dict(model="terrafm_tiny", batch=16, global_size=64, local_size=32, n_local=4,
+                      head=(4096, 256, 64), modalities=("s2_l2a", "s2_l1c", "s1"), threshold=0.5,
+                      alpha=0.8, drop_path=0.1, source="stress case"),
 }
+SETUP_NAMES = (*CONFIG_SETUPS, *STRESS_SETUPS)
+
+
+def get_setup(name: str) -> dict:
+    """Model, batch, crops, head (out, hidden, bottleneck), modalities, threshold, alpha, drop path."""
+    if name in STRESS_SETUPS:
+        return dict(STRESS_SETUPS[name])
+    from pretrain.config import load_config
+
+    config_name, cpu_batch = CONFIG_SETUPS[name]
+    cfg = load_config(config_name)
+    return dict(model=cfg.model.name, batch=min(cfg.optim.batch_size, cpu_batch),
+                global_size=cfg.augment.global_size, local_size=cfg.augment.local_size,
+                n_local=cfg.augment.n_local, head=(cfg.model.out_dim, cfg.model.hidden_dim, cfg.model.bottleneck_dim),
+                modalities=tuple(cfg.data.modalities), threshold=cfg.augment.modality_threshold,
+                alpha=cfg.optim.alpha, drop_path=cfg.model.drop_path_rate,
+                source=f"pretrain/configs/{config_name}.yaml")
+
+
 VARIANTS = ("terrafm", "plain_dino", "stems_only")
 MEMORY_VARIANTS = ("terrafm", "plain_dino")
-MODALITIES = ("s2_l2a", "s2_l1c", "s1")
 CHANNELS = {"s2_l2a": 12, "s2_l1c": 12, "s1": 2}
 ROOT = Path(__file__).resolve().parents[1]
 N_BATCHES = 3  # batches built before timing and cycled
@@ -74,9 +105,9 @@ def make_batches(setup: dict, variant: str, device: torch.device, n_batches: int
         n = n_views * batch
         if variant == "plain_dino":
             return {"s2_l2a": torch.rand(n, 12, size, size, generator=gen).to(device)}, {}
-        chosen = [select_modalities(MODALITIES, rng) for _ in range(n)]
+        chosen = [select_modalities(setup["modalities"], rng, setup["threshold"]) for _ in range(n)]
         inputs, masks = {}, {}
-        for key in MODALITIES:
+        for key in setup["modalities"]:
             keep = torch.tensor([key in c for c in chosen])
             if keep.any():  # as collate: every sample's crop is stacked, the mask carries the choice
                 inputs[key] = torch.rand(n, CHANNELS[key], size, size, generator=gen).to(device)
@@ -105,13 +136,13 @@ def make_step(setup: dict, variant: str, device: torch.device):
     torch.manual_seed(0)
     out_dim, hidden, bottleneck = setup["head"]
     student, teacher = build_student_teacher(setup["model"], dict(out_dim=out_dim, hidden_dim=hidden,
-                                                                  bottleneck_dim=bottleneck))
+                                                                  bottleneck_dim=bottleneck), setup["drop_path"])
     student, teacher = student.to(device), teacher.to(device).eval()
     if variant == "stems_only":
         for net in (student, teacher):
             fusion = net.backbone.patch_embed.fusion
             fusion.combine = types.MethodType(_sum_modalities, fusion)
-    alpha = 0.8 if variant == "terrafm" else 1.0
+    alpha = setup["alpha"] if variant == "terrafm" else 1.0
     loss_fn = DualCenteringDINOLoss(out_dim, 2 + setup["n_local"], np.full(10, 0.04), alpha=alpha).to(device)
     optimizer = build_optimizer(student, lr=1e-4)  # the optimizer training uses
     batches = make_batches(setup, variant, device)
@@ -145,7 +176,7 @@ def _proc_status_mb(field: str) -> float:
 
 def measure_peak_rss(config: str, variant: str, steps: int) -> None:
     """(child process) Print peak RSS over ``steps`` steps and its excess over the RSS before them."""
-    step = make_step(SETUPS[config], variant, torch.device("cpu"))
+    step = make_step(get_setup(config), variant, torch.device("cpu"))
     step()  # optimizer state and lazily built buffers exist from here on
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _proc_status_mb("VmRSS")
@@ -197,7 +228,7 @@ def time_interleaved(steps: dict, rounds: int, steps_per_round: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["tiny", "base"], choices=list(SETUPS))
+    parser.add_argument("--configs", nargs="+", default=list(SETUP_NAMES), choices=SETUP_NAMES)
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -212,12 +243,13 @@ def main() -> None:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         for config in args.configs:
-            setup = SETUPS[config]
+            setup = get_setup(config)
             load_before = os.getloadavg()
             steps = {v: make_step(setup, v, device) for v in VARIANTS}
             flops = {v: count_flops(s) for v, s in steps.items()}  # also the warm-up
             times = time_interleaved(steps, args.rounds, args.steps)
-            row = {"device": device.type, "config": config, "batch": setup["batch"],
+            row = {"device": device.type, "config": config, "source": setup["source"], "batch": setup["batch"],
+                   "modalities": "+".join(setup["modalities"]),
                    "crops": f"2x{setup['global_size']} + {setup['n_local']}x{setup['local_size']}",
                    "steps_per_variant": args.rounds * args.steps}
             for v in VARIANTS:
