@@ -27,15 +27,16 @@ Each row also gives the matmul/convolution FLOPs per step of every variant and `
 plain / terrafm FLOPs, the ratio the two would reach at equal FLOP rates.
 
 A step = teacher forward on 2 globals (``pretrain.head.teacher_forward``, as in training),
-student forward on 2 globals + J locals, loss, backward, per-parameter clip, AdamW step, EMA. Inputs are random normalized tensors generated before
-timing (a few batches, cycled): data loading is not timed.
+student forward on 2 globals + J locals, loss, backward, per-parameter clip, AdamW step, EMA.
+Inputs are random normalized tensors generated before timing (a few batches, cycled): data
+loading is not timed.
 
-Timing: the two variants alternate step by step (ABAB..., order flipped every round) so that
-background load on a shared machine hits both alike; medians over rounds of wall time and of
+Timing: the variants alternate step by step (ABCABC..., order reversed every round) so that
+background load on a shared machine hits them alike; medians over rounds of wall time and of
 process CPU time (less sensitive to other processes than wall time) are reported, with the load
 average before and after.
 
-Peak memory: each variant runs in its own fresh subprocess; after the models, optimizer state
+Peak memory (``terrafm`` and ``plain_dino``): each variant runs in its own fresh subprocess; after the models, optimizer state
 and one warm-up step exist, the kernel's RSS high-water mark is reset (``/proc/self/clear_refs``)
 and the peak RSS over the timed steps is read from ``VmHWM``. ``MALLOC_MMAP_THRESHOLD_`` is fixed
 in the child so freed tensors go back to the OS and RSS follows the live tensors. On CUDA:
