@@ -89,7 +89,6 @@ def get_setup(name: str) -> dict:
 
 VARIANTS = ("terrafm", "plain_dino", "stems_only")
 MEMORY_VARIANTS = ("terrafm", "plain_dino")
-CHANNELS = {"s2_l2a": 12, "s2_l1c": 12, "s1": 2}
 ROOT = Path(__file__).resolve().parents[1]
 N_BATCHES = 3  # batches built before timing and cycled
 
@@ -97,6 +96,7 @@ N_BATCHES = 3  # batches built before timing and cycled
 def make_batches(setup: dict, variant: str, device: torch.device, n_batches: int = N_BATCHES, seed: int = 0):
     """``n_batches`` (teacher groups, student groups, frequent) tuples, built before timing."""
     from pretrain.augment import select_modalities
+    from terrafm.sensors import MODALITIES
 
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -105,13 +105,13 @@ def make_batches(setup: dict, variant: str, device: torch.device, n_batches: int
     def group(n_views: int, size: int):
         n = n_views * batch
         if variant == "plain_dino":
-            return {"s2_l2a": torch.rand(n, 12, size, size, generator=gen).to(device)}, {}
+            return {"s2_l2a": torch.rand(n, MODALITIES["s2_l2a"].n_bands, size, size, generator=gen).to(device)}, {}
         chosen = [select_modalities(setup["modalities"], rng, setup["threshold"]) for _ in range(n)]
         inputs, masks = {}, {}
         for key in setup["modalities"]:
             keep = torch.tensor([key in c for c in chosen])
             if keep.any():  # as collate: every sample's crop is stacked, the mask carries the choice
-                inputs[key] = torch.rand(n, CHANNELS[key], size, size, generator=gen).to(device)
+                inputs[key] = torch.rand(n, MODALITIES[key].n_bands, size, size, generator=gen).to(device)
                 masks[key] = keep[:, None, None].expand(n, size // 16, size // 16).contiguous().to(device)
         return inputs, masks
 
