@@ -27,7 +27,7 @@ import torch.distributed as dist
 from .augment import MultiCropAugmentation, select_modalities
 from .config import ConfigError, PretrainConfig, load_config
 from .data import GeoTIFFFolder, MajorTOMCore, frequent_classes, read_cell_stats
-from .head import build_student_teacher, ema_update, teacher_forward
+from .head import build_student_teacher, ema_update
 from .loss import DualCenteringDINOLoss
 from .schedules import build_schedules
 
@@ -394,7 +394,8 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
         student_groups = [_to_device(g, device) for g in batch["student"]]
         frequent_mask = torch.isin(batch["landcover"], frequent_set).to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            teacher_out = teacher_forward(teacher, teacher_groups)
+            with torch.no_grad():   # the teacher learns by EMA only
+                teacher_out = teacher(teacher_groups)
             student_out = student_ddp(student_groups)
         loss = loss_fn(student_out.float(), teacher_out.float(), it, frequent_mask)
         if not math.isfinite(loss.item()):
