@@ -1,10 +1,13 @@
 """Write the analyst notebooks (no outputs) from the cell sources below: `python notebooks/make_notebooks.py`.
 
 Keeping the sources here makes review and diffs readable; the .ipynb files are what users open.
+Each notebook's first code cell holds its settings (catalog URL, model, weights, area, dates), tagged
+``parameters``: `notebooks/offline.py` rewrites that cell, and only that cell, to run offline.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nbformat
@@ -14,36 +17,59 @@ HERE = Path(__file__).parent
 
 MODE_NOTE = """\
 By default this notebook reads Sentinel-1/2 from **Microsoft Planetary Computer** and uses the
-released **TerraFM-B** weights (downloaded from Hugging Face on first use). Set
-`TERRAFM_NOTEBOOK_MODE=local` before starting Jupyter to run it offline on the local STAC
-stand-in of the test suite (real Sentinel COGs) with an *untrained* tiny model: the pictures then
-show the pipeline working, not TerraFM's quality."""
+released **TerraFM-B** weights (downloaded from Hugging Face on first use): the settings cell
+below says so, and it is the only cell to edit for another area, dates, catalog or model.
+`python notebooks/offline.py run|voila|lab` (from the repository checkout) runs it offline: it
+rewrites only that cell, pointing `CATALOG_URL` at a local STAC API over real Sentinel COGs and
+`MODEL` at an *untrained* tiny TerraFM, so the pictures then show the pipeline working, not
+TerraFM's quality."""
 
-SETUP = """\
-import terrafm
-import terrafm.viz as viz
-from terrafm.viz.notebook import open_notebook_area, first_date
+SWITCH_COMMENT = (
+    "# Settings: the only cell to edit. `python notebooks/offline.py` rewrites it to run offline\n"
+    "# (a local STAC API, an untrained tiny model); every other cell stays as it is.\n")
+CATALOG = "CATALOG_URL = None  # STAC API URL; None = Microsoft Planetary Computer (assets signed)\n"
+MODEL = ("MODEL = \"terrafm_base\"  # TerraFM-B, ViT-B/16\n"
+         "WEIGHTS = \"hf\"  # the released weights from Hugging Face; \"random\" = untrained\n")
+AREA = "BBOX = (11.53, 48.10, 11.61, 48.15)  # west, south, east, north (lon/lat): Munich west, ~6 x 5.5 km\n"
+DATES = "DATES = \"2023-06-01/2023-06-30\"  # STAC datetime range; the least cloudy date is used\n"
+TOOLBAR = "TOOLBAR = True  # leafmap's toolbar (its ipyevents front end comes from a CDN)"
 
-cfg = open_notebook_area({purpose!r})
-print("mode:", cfg.mode, "| area (lon/lat):", [round(v, 4) for v in cfg.bbox])"""
+
+def settings(*lines: str) -> str:
+    return SWITCH_COMMENT + "".join(lines)
+
+
+IMPORTS = "import terrafm\nimport terrafm.viz as viz"
+
+SEARCH_LOAD = """\
+items = terrafm.stac.search(BBOX, DATES, collections=("sentinel-2-l2a", "sentinel-1-rtc"),
+                            url=CATALOG_URL, max_cloud=30)
+ds = terrafm.stac.load(items, BBOX)
+# keep the least cloudy date: the one with the largest share of valid Sentinel-2 pixels
+clear = ds.mask_s2_l2a.mean(("y", "x")).compute()
+ds = ds.isel(time=[int(clear.argmax())])"""
+
+EMBED = "emb = terrafm.embed(ds, model=MODEL, weights=WEIGHTS)"
 
 NOTEBOOKS = {
     "01_quickstart.ipynb": [
         ("md", "# 01 · Quickstart: from an area to an embedding map\n\n"
                "Search Sentinel-1/2 for a small area, embed it with TerraFM at the 160 m patch grid, "
                "colour the embeddings with PCA and put them on a map.\n\n" + MODE_NOTE),
-        ("code", SETUP.format(purpose="quickstart")),
-        ("md", "## Load imagery\n`terrafm.open_sentinel` searches the STAC API, signs the assets and "
-               "returns a lazy `xarray.Dataset` (bands, cloud masks, CRS). We keep the least cloudy date."),
-        ("code", "ds = terrafm.open_sentinel(cfg.bbox, cfg.start, cfg.end, **cfg.stac)\n"
-                 "ds = first_date(ds)\nds"),
-        ("md", "## Embed\nOne 64- (tiny) or 768-dimensional (base) vector per 16 × 16 px patch, with CRS "
-               "and a `valid` mask (clouds → invalid)."),
-        ("code", "emb = terrafm.embed(ds, **cfg.embed)\nemb"),
+        ("settings", settings(CATALOG, MODEL, AREA, DATES, TOOLBAR)),
+        ("code", IMPORTS),
+        ("md", "## Load imagery\n`terrafm.stac.search` asks the STAC API for Sentinel-2 L2A and "
+               "Sentinel-1 RTC items over the area (Planetary Computer items come back signed); "
+               "`terrafm.stac.load` puts them on one 10 m UTM grid as a lazy `xarray.Dataset` (bands, "
+               "cloud and nodata masks, CRS)."),
+        ("code", SEARCH_LOAD + "\nds"),
+        ("md", "## Embed\nOne vector (768 numbers for TerraFM-B) per 16 × 16 px patch, on a 160 m grid "
+               "with CRS and a `valid` mask (clouds → invalid)."),
+        ("code", EMBED + "\nemb"),
         ("md", "## Map\nThe first three principal components as red, green and blue. Similar colours = "
                "similar embeddings. Use the layer control to change the opacity."),
         ("code", "rgb = terrafm.to_rgb(emb, method=\"pca\")\n"
-                 "m = viz.new_map(emb, toolbar=cfg.toolbar)\n"
+                 "m = viz.new_map(emb, toolbar=TOOLBAR)\n"
                  "viz.add_embedding_layer(m, rgb, \"TerraFM embedding (PCA)\", opacity=0.85)\n"
                  "m.add_layer_control()\nm"),
     ],
@@ -51,12 +77,13 @@ NOTEBOOKS = {
         ("md", "# 02 · UMAP map with a linked scatter\n\n"
                "UMAP squeezes the embeddings into 2-D. Brush points in the scatter to see where they are "
                "on the map; click the map to find that place in the scatter.\n\n" + MODE_NOTE),
-        ("code", SETUP.format(purpose="umap")),
-        ("code", "ds = first_date(terrafm.open_sentinel(cfg.bbox, cfg.start, cfg.end, **cfg.stac))\n"
-                 "emb = terrafm.embed(ds, **cfg.embed)"),
-        ("md", "UMAP colours (3 components) for the map, a 2-D UMAP for the scatter."),
-        ("code", "link = viz.UmapLink(emb, method=\"umap\", sample=cfg.umap_sample)\n"
-                 "umap_rgb = terrafm.to_rgb(emb, method=\"umap\", sample=cfg.umap_sample)\n"
+        ("settings", settings(CATALOG, MODEL, AREA, DATES, TOOLBAR)),
+        ("code", IMPORTS),
+        ("code", SEARCH_LOAD + "\n" + EMBED),
+        ("md", "UMAP colours (3 components) for the map, a 2-D UMAP for the scatter, each fitted on "
+               "up to 20,000 valid cells."),
+        ("code", "link = viz.UmapLink(emb, method=\"umap\", sample=20_000, toolbar=TOOLBAR)\n"
+                 "umap_rgb = terrafm.to_rgb(emb, method=\"umap\", sample=20_000)\n"
                  "viz.add_embedding_layer(link.map, umap_rgb, \"UMAP colours\", opacity=0.85)\n"
                  "link"),
     ],
@@ -65,35 +92,43 @@ NOTEBOOKS = {
                "Embed the least cloudy date of each season on the same grid; the cosine distance between "
                "the two embeddings of a place measures how much it changed. Pick the dates and the "
                "threshold with the widgets (Otsu's threshold to start).\n\n" + MODE_NOTE),
-        ("code", SETUP.format(purpose="change")),
-        ("code", "(a_start, a_end), (b_start, b_end) = cfg.seasons\n"
-                 "ds_a = first_date(terrafm.open_sentinel(cfg.bbox, a_start, a_end, **cfg.stac))\n"
-                 "ds_b = first_date(terrafm.open_sentinel(cfg.bbox, b_start, b_end, **cfg.stac))\n"
-                 "ds_b = ds_b.odc.reproject(ds_a.odc.geobox)  # exactly the same grid as season A\n"
-                 "import xarray as xr\n"
-                 "# keep what both seasons have (a season may lack a Sentinel-1 pass within its window)\n"
-                 "common = [v for v in ds_a.data_vars if v in ds_b.data_vars]\n"
-                 "ds = xr.concat([ds_a[common], ds_b[common]], dim=\"time\")\n"
-                 "both = [k for k in ds_a.attrs[\"terrafm_modalities\"] if k in ds_b.attrs[\"terrafm_modalities\"]]\n"
-                 "ds.attrs = {**ds_a.attrs, \"terrafm_modalities\": both}\n"
-                 "print(\"modalities on both dates:\", both)\n"
-                 "emb = terrafm.embed(ds, **cfg.embed)\n"
+        ("settings", settings(
+            CATALOG, MODEL, AREA,
+            "BEFORE = \"2023-06-01/2023-06-30\"  # first season (STAC datetime range)\n"
+            "AFTER = \"2023-09-01/2023-09-30\"  # second season\n", TOOLBAR)),
+        ("code", IMPORTS),
+        ("md", "Both seasons are loaded in one call, so every date lies on the same grid. From each "
+               "season we keep its least cloudy date, and we embed only the modalities seen on both "
+               "(a season may lack a Sentinel-1 pass): otherwise a change of inputs would look like a "
+               "change on the ground."),
+        ("code", "items = []\n"
+                 "for season in (BEFORE, AFTER):\n"
+                 "    items += terrafm.stac.search(BBOX, season, collections=(\"sentinel-2-l2a\", \"sentinel-1-rtc\"),\n"
+                 "                                 url=CATALOG_URL, max_cloud=30)\n"
+                 "ds = terrafm.stac.load(items, BBOX)\n"
+                 "clear = ds.mask_s2_l2a.mean((\"y\", \"x\")).compute()  # share of valid Sentinel-2 pixels per date\n"
+                 "dates = [clear.sel(time=slice(*season.split(\"/\"))).idxmax(\"time\").values for season in (BEFORE, AFTER)]\n"
+                 "ds = ds.sel(time=dates)\n"
+                 "masks = [name for name in ds.data_vars if name.startswith(\"mask_\")]\n"
+                 "both = [name.removeprefix(\"mask_\") for name in masks if bool(ds[name].any((\"y\", \"x\")).all())]\n"
+                 "print(\"dates:\", [str(d)[:10] for d in dates], \"| modalities on both:\", both)\n"
+                 "emb = terrafm.embed(ds, model=MODEL, weights=WEIGHTS, modalities=both)\n"
                  "emb.sizes"),
         ("code", "result = terrafm.change(emb.isel(time=0), emb.isel(time=1))\n"
                  "print(f\"Otsu threshold {result.attrs['threshold']:.3f}; \"\n"
                  "      f\"{100 * float(result.changed.mean()):.1f}% of valid positions changed\")"),
-        ("code", "app = viz.ChangeExplorer(emb, toolbar=cfg.toolbar)\napp"),
+        ("code", "app = viz.ChangeExplorer(emb, toolbar=TOOLBAR)\napp"),
     ],
     "04_similarity_search.ipynb": [
         ("md", "# 04 · Similarity search\n\n"
                "Click anywhere on the map: every position is coloured by how similar its embedding is to "
                "the clicked one, and the most similar places are marked.\n\n" + MODE_NOTE),
-        ("code", SETUP.format(purpose="similarity")),
-        ("code", "ds = first_date(terrafm.open_sentinel(cfg.bbox, cfg.start, cfg.end, **cfg.stac))\n"
-                 "emb = terrafm.embed(ds, **cfg.embed)"),
+        ("settings", settings(CATALOG, MODEL, AREA, DATES, TOOLBAR)),
+        ("code", IMPORTS),
+        ("code", SEARCH_LOAD + "\n" + EMBED),
         ("md", "The app starts with a query in the middle of the area (the same call a click makes)."),
-        ("code", "app = viz.SimilarityExplorer(emb, k=15, toolbar=cfg.toolbar)\n"
-                 "west, south, east, north = cfg.bbox\n"
+        ("code", "app = viz.SimilarityExplorer(emb, k=15, toolbar=TOOLBAR)\n"
+                 "west, south, east, north = BBOX\n"
                  "app.click((west + east) / 2, (south + north) / 2)\n"
                  "app"),
         ("code", "app.matches.head()  # the top matches as a GeoDataFrame (EPSG:4326)"),
@@ -104,11 +139,16 @@ NOTEBOOKS = {
                "few hundred cells (spatially blocked cross-validation reports honest accuracy). Then "
                "refine by hand with the labelling tool: click to label, the class map retrains.\n\n"
                + MODE_NOTE),
-        ("code", SETUP.format(purpose="landcover")),
-        ("code", "ds = terrafm.open_sentinel(cfg.bbox, cfg.start, cfg.end, **cfg.stac,\n"
-                 "                           collections=(\"sentinel-2-l2a\", \"sentinel-1-rtc\", \"esa-worldcover\"))\n"
-                 "ds = first_date(ds)\n"
-                 "emb = terrafm.embed(ds, **cfg.embed).isel(time=0)\n"
+        ("settings", settings(CATALOG, MODEL, AREA, DATES, TOOLBAR)),
+        ("code", IMPORTS),
+        ("md", "The imagery as in the other notebooks, plus the ESA WorldCover 2021 map (one item for "
+               "the year, loaded on the same grid as the variable `worldcover`)."),
+        ("code", SEARCH_LOAD.replace(
+            "ds = terrafm.stac.load(items, BBOX)",
+            "items += terrafm.stac.search(BBOX, \"2021-01-01/2021-12-31\", collections=(\"esa-worldcover\",),\n"
+            "                             url=CATALOG_URL)\n"
+            "ds = terrafm.stac.load(items, BBOX)") + "\n"
+                 "emb = terrafm.embed(ds, model=MODEL, weights=WEIGHTS).isel(time=0)\n"
                  "worldcover = ds[\"worldcover\"].compute()"),
         ("code", "WORLDCOVER = {10: \"tree cover\", 20: \"shrubland\", 30: \"grassland\", 40: \"cropland\",\n"
                  "              50: \"built-up\", 60: \"bare\", 70: \"snow/ice\", 80: \"water\",\n"
@@ -118,7 +158,7 @@ NOTEBOOKS = {
                  "print(\"classes:\", names)\n"
                  "print({k: v for k, v in clf.report.items() if k in ('accuracy', 'macro_f1', 'n_train')})"),
         ("code", "prediction = clf.predict(emb)\n"
-                 "m = viz.new_map(emb, toolbar=cfg.toolbar)\n"
+                 "m = viz.new_map(emb, toolbar=TOOLBAR)\n"
                  "viz.add_embedding_layer(m, terrafm.to_rgb(emb), \"embedding (PCA)\", opacity=0.9, legend=False)\n"
                  "viz.add_embedding_layer(m, prediction[\"class\"], \"predicted land cover\", kind=\"categorical\",\n"
                  "                        classes=names, opacity=0.7)\n"
@@ -126,7 +166,7 @@ NOTEBOOKS = {
         ("md", "## Label by hand\nPick a class, click the map (or draw a polygon); after two classes "
                "the class map appears and updates with every label. `tool.export(\"labels.parquet\")` "
                "writes GeoParquet."),
-        ("code", "tool = viz.LabelTool(emb, classes=[\"water\", \"built-up\", \"vegetation\"], toolbar=cfg.toolbar)\n"
+        ("code", "tool = viz.LabelTool(emb, classes=[\"water\", \"built-up\", \"vegetation\"], toolbar=TOOLBAR)\n"
                  "tool"),
     ],
     "06_pretraining.ipynb": [
@@ -135,41 +175,52 @@ NOTEBOOKS = {
                "modality augmentation and dual centering, paper §3.2), export the teacher, and use it for "
                "embeddings exactly like the released weights. A notebook run is a smoke run on a CPU; real "
                "runs use `torchrun -m pretrain.train --config vitb_paper` on GPUs (see `pretrain/README.md`).\n\n"
-               "**Data.** By default this notebook reads a Major-TOM Core download from `TERRAFM_MAJORTOM_ROOT` "
-               "(default `data/majortom`). Get a few shards from Hugging Face, e.g.\n\n"
+               "**Data.** A Major-TOM Core download in `MAJORTOM_ROOT`. Get a few shards from Hugging Face, e.g.\n\n"
                "```bash\n"
                "huggingface-cli download Major-TOM/Core-S2L2A --repo-type dataset \\\n"
                "    --include 'images/part_00001.parquet' --local-dir data/majortom/Core-S2L2A\n"
                "```\n\n"
                "(Core-S1RTC and Core-S2L1C the same way; the three datasets are joined by `grid_cell`, so "
-               "add those modalities only for cells present in all of them.) The default run uses the "
-               "`tiny_cpu` recipe on Sentinel-2 L2A for 160 iterations and then embeds the Planetary Computer "
-               "area of the other notebooks.\n\n"
-               "Set `TERRAFM_NOTEBOOK_MODE=local` to run offline: a tiny Major-TOM-format dataset is built "
-               "from the real BigEarthNet S1 + S2 example patches, 15 iterations of `tiny_cpu` run in seconds, "
-               "and the local STAC stand-in provides the area to embed. Fifteen steps show the machinery "
-               "working, not a useful model."),
-        ("code", "import pandas as pd\n"
+               "add those modalities only for cells present in all of them.) The settings run the "
+               "`tiny_cpu` recipe on Sentinel-2 L2A for 10 epochs of 128 samples (160 iterations) and then "
+               "embed the Planetary Computer area of the other notebooks.\n\n"
+               "`python notebooks/offline.py run|voila|lab 06_pretraining.ipynb` runs it offline: it builds a "
+               "tiny Major-TOM-format dataset from the real BigEarthNet S1 + S2 example patches, trains "
+               "15 iterations (seconds) and embeds an area of the local STAC stand-in. Fifteen steps show "
+               "the machinery working, not a useful model."),
+        ("settings", settings(
+            "from pathlib import Path\n\n"
+            "MAJORTOM_ROOT = Path(\"data/majortom\")  # Core-S2L2A/images/part_*.parquet (+ optional cell_stats.csv)\n"
+            "MODALITIES = [\"s2_l2a\"]  # the Core datasets downloaded (s2_l2a, s1, s2_l1c)\n"
+            "EPOCHS = 10  # of the tiny_cpu recipe (batch 8)\n"
+            "EPOCH_SAMPLES = 128  # 16 iterations per epoch\n"
+            "RUN_DIR = Path(\"runs/notebook06\")  # checkpoint.pth, metrics.csv, the exported weights\n",
+            CATALOG, AREA, DATES, TOOLBAR)),
+        ("code", "import matplotlib.pyplot as plt\n"
+                 "import pandas as pd\n"
                  "import terrafm\n"
                  "import terrafm.viz as viz\n"
-                 "from terrafm.viz.notebook import first_date, open_notebook_area, open_pretraining_data\n"
                  "from pretrain.config import load_config\n"
                  "from pretrain.export import export_teacher\n"
                  "from pretrain.train import train\n\n"
-                 "setup = open_pretraining_data()\n"
-                 "train_cfg = load_config(setup.config, setup.overrides)\n"
-                 "print(\"mode:\", setup.mode, \"| data:\", setup.root)\n"
+                 "if not any(MAJORTOM_ROOT.glob(\"*S2L2A/images/*.parquet\")):\n"
+                 "    raise FileNotFoundError(f\"no Major-TOM Core-S2L2A parquet under {MAJORTOM_ROOT.resolve()}: download a \"\n"
+                 "                            \"shard (see above) or point MAJORTOM_ROOT at your copy\")\n"
+                 "overrides = [f\"data.root={MAJORTOM_ROOT}\", f\"data.modalities={MODALITIES}\", f\"optim.epochs={EPOCHS}\",\n"
+                 "             f\"optim.epoch_samples={EPOCH_SAMPLES}\", f\"run.output_dir={RUN_DIR}\"]\n"
+                 "if (MAJORTOM_ROOT / \"cell_stats.csv\").exists():  # frequent classes for dual centering\n"
+                 "    overrides.append(f\"data.cell_stats={MAJORTOM_ROOT / 'cell_stats.csv'}\")\n"
+                 "train_cfg = load_config(\"tiny_cpu\", overrides)\n"
                  "print(train_cfg.model.name, \"|\", train_cfg.total_iters, \"iterations of\", train_cfg.optim.batch_size,\n"
                  "      \"samples |\", train_cfg.data.modalities)"),
-        ("md", "## Train\nCheckpoints go to `run.output_dir`; running the cell again continues the run "
+        ("md", "## Train\nCheckpoints go to `RUN_DIR`; running the cell again continues the run "
                "(`resume=\"auto\"`)."),
         ("code", "losses = train(train_cfg, resume=\"auto\", device=\"auto\")\n"
                  "print(f\"{len(losses)} iterations, last loss {losses[-1]:.3f}\" if losses else \"run already finished\")"),
         ("md", "## Loss curve\nFrom `metrics.csv` (iteration, name, value). The DINO loss is the teacher's "
                "entropy plus KL(teacher ‖ student); the entropy rises while the centers settle, so watch "
                "the KL part, which the student minimises, and the entropy (near 0 or near log K = collapse)."),
-        ("code", "import matplotlib.pyplot as plt\n\n"
-                 "metrics = pd.read_csv(setup.output_dir / \"metrics.csv\")\n"
+        ("code", "metrics = pd.read_csv(RUN_DIR / \"metrics.csv\")\n"
                  "curves = metrics.pivot_table(index=\"iteration\", columns=\"name\", values=\"value\")\n"
                  "fig, ax = plt.subplots(figsize=(7, 3.5))\n"
                  "ax.plot(curves.index, curves[\"loss\"], label=\"DINO loss\")\n"
@@ -181,37 +232,39 @@ NOTEBOOKS = {
         ("md", "## Export and load\n`pretrain.export` (also `python -m pretrain.export CHECKPOINT OUT`) writes "
                "the teacher backbone in the release layout, with the trained fusion; `terrafm.create_model` "
                "loads it strictly."),
-        ("code", "weights = export_teacher(setup.output_dir / \"checkpoint.pth\", setup.output_dir / \"terrafm_pretrained.pth\")\n"
+        ("code", "weights = export_teacher(RUN_DIR / \"checkpoint.pth\", RUN_DIR / \"terrafm_pretrained.pth\")\n"
                  "model = terrafm.create_model(train_cfg.model.name, weights=weights).eval()\n"
                  "print(weights, \"sha256\", model.checkpoint_sha256[:12])"),
         ("md", "## Embed with your model\nThe same area as the other notebooks, embedded by the model you just "
-               "trained, coloured by PCA."),
-        ("code", "cfg = open_notebook_area(\"pretraining\")\n"
-                 "ds = first_date(terrafm.open_sentinel(cfg.bbox, cfg.start, cfg.end, **cfg.stac))\n"
-                 "trained = [k for k in train_cfg.data.modalities if k in ds.attrs[\"terrafm_modalities\"]]  # stems it learned\n"
-                 "emb = terrafm.embed(ds, **{**cfg.embed, \"model\": model, \"weights\": None, \"modalities\": trained})\n"
-                 "m = viz.new_map(emb, toolbar=cfg.toolbar)\n"
+               "trained (only the modalities it learned), coloured by PCA."),
+        ("code", SEARCH_LOAD + "\n"
+                 "emb = terrafm.embed(ds, model=model, modalities=train_cfg.data.modalities)\n"
+                 "m = viz.new_map(emb, toolbar=TOOLBAR)\n"
                  "viz.add_embedding_layer(m, terrafm.to_rgb(emb, method=\"pca\"), \"pretrained embedding (PCA)\", opacity=0.85)\n"
                  "m"),
     ],
 }
 
 
-def build() -> list[Path]:
+def build(dest: Path = HERE) -> list[Path]:
+    """Write every notebook into ``dest``; returns the paths."""
     written = []
     for name, cells in NOTEBOOKS.items():
         nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src)
                                  for kind, src in cells])
+        [parameters] = [cell for cell, (kind, _) in zip(nb.cells, cells) if kind == "settings"]
+        parameters.metadata["tags"] = ["parameters"]  # papermill's name; notebooks/offline.py rewrites this cell
         for i, cell in enumerate(nb.cells):  # stable ids: regenerating gives a clean diff
             cell.id = f"cell-{i:02d}"
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["language_info"] = {"name": "python"}
-        path = HERE / name
+        path = Path(dest) / name
         nbformat.write(nb, path)
         written.append(path)
     return written
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     for path in build():
-        print(path)
+        logging.info("wrote %s", path)

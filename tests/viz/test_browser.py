@@ -1,5 +1,7 @@
 """The quickstart, change and similarity notebooks served by Voila (live kernel, local widget
-bundles) and opened in Debian's headless Chromium through Playwright: the map is not blank, the
+bundles) through the offline launcher (notebooks/offline.py: offline copies of the notebooks, the
+local stand-ins' environment for the Voila process and its kernels) and opened in Debian's headless
+Chromium through Playwright: the map is not blank, the
 embedding overlay is there, a slider moved in the page redraws the change layer in the kernel, and
 a mouse click on the map runs a similarity query (a click beside the data shows a message).
 
@@ -84,10 +86,19 @@ class Voila:
 
 
 @pytest.fixture(scope="module")
-def voila_env(stac_api_url):
-    env = dict(os.environ)
-    env.update(TERRAFM_NOTEBOOK_MODE="local", TERRAFM_STAC_URL=stac_api_url)
-    return env
+def offline_copies(offline_stack, tmp_path_factory) -> Path:
+    """Offline copies of the three notebooks (settings cell rewritten by the launcher)."""
+    from offline import write_offline_copies
+
+    folder = tmp_path_factory.mktemp("notebooks")
+    write_offline_copies(offline_stack, ["01_quickstart.ipynb", "03_change_detection.ipynb",
+                                         "04_similarity_search.ipynb"], folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def voila_env(offline_stack):
+    return offline_stack.environment(OMP_NUM_THREADS="1")
 
 
 def coloured_pixels(png: bytes) -> int:
@@ -120,8 +131,8 @@ def _save(page, element, name: str, tmp_path: Path) -> bytes:
     return shot
 
 
-def test_quickstart_map_renders_with_the_embedding_layer(browser_context, voila_env, tmp_path):
-    voila = Voila(REPO / "notebooks" / "01_quickstart.ipynb", voila_env, tmp_path)
+def test_quickstart_map_renders_with_the_embedding_layer(browser_context, offline_copies, voila_env, tmp_path):
+    voila = Voila(offline_copies / "01_quickstart.ipynb", voila_env, tmp_path)
     try:
         page = _open(browser_context, voila)
         maps = page.query_selector_all(".leaflet-container")
@@ -138,8 +149,8 @@ def test_quickstart_map_renders_with_the_embedding_layer(browser_context, voila_
         voila.stop()
 
 
-def test_change_explorer_in_the_browser(browser_context, voila_env, tmp_path):
-    voila = Voila(REPO / "notebooks" / "03_change_detection.ipynb", voila_env, tmp_path)
+def test_change_explorer_in_the_browser(browser_context, offline_copies, voila_env, tmp_path):
+    voila = Voila(offline_copies / "03_change_detection.ipynb", voila_env, tmp_path)
     try:
         page = _open(browser_context, voila)
         maps = page.query_selector_all(".leaflet-container")
@@ -188,14 +199,14 @@ def _near_colour_at(src: str, box: dict, x: float, y: float, colour, tol: int = 
 QUERY_MARKER = "path.leaflet-interactive[fill='#ff00aa']"
 
 
-def test_similarity_click_in_the_browser(browser_context, voila_env, tmp_path):
+def test_similarity_click_in_the_browser(browser_context, offline_copies, voila_env, tmp_path):
     """A real mouse click on the map reaches the kernel: new similarity picture, query marker under the
     pointer, top-k markers redrawn, and the clicked place has similarity 1 (magma's top colour).
     A click beside the data shows the error in the page."""
     from matplotlib import colormaps
 
     top = np.round(np.asarray(colormaps["magma"](1.0)[:3]) * 255).astype(int)
-    voila = Voila(REPO / "notebooks" / "04_similarity_search.ipynb", voila_env, tmp_path)
+    voila = Voila(offline_copies / "04_similarity_search.ipynb", voila_env, tmp_path)
     try:
         page = _open(browser_context, voila)
         page.wait_for_selector(QUERY_MARKER, timeout=30_000)
