@@ -52,13 +52,14 @@ def load_demo():
     import rioxarray
     import xarray as xr
 
-    from .sensors import S2_BANDS
+    from .sensors import MODALITIES
 
+    l1c = MODALITIES["s2_l1c"]
     da = rioxarray.open_rasterio(DEMO_FILE)
-    ds = xr.Dataset({b: da.isel(band=i, drop=True) for i, b in enumerate(S2_BANDS)})
-    for b in S2_BANDS:
-        ds[b].attrs = {"modality": "s2_l1c"}
-    ds.attrs["terrafm_modalities"] = ["s2_l1c"]
+    ds = xr.Dataset({name: da.isel(band=i, drop=True) for i, name in enumerate(l1c.variables)})
+    for name in l1c.variables:
+        ds[name].attrs = {"modality": l1c.key}
+    ds.attrs["terrafm_modalities"] = [l1c.key]
     return ds
 
 

@@ -57,9 +57,9 @@ def prepare_inputs(ds: xr.Dataset, modalities: Sequence[str] | None = None,
                    ) -> tuple[dict[str, ModalityInput], bool]:
     """Model inputs and validity masks per modality, lazily.
 
-    Accepts either raw bands (``B01``…``B12`` with attr ``modality``, ``vv``/``vh``, optional
-    ``mask_<key>``) or the output of ``terrafm.prepare.normalize`` (variables named by modality
-    key with a ``band_<key>`` dim).
+    Accepts either stored bands (``<key>_<band>``: ``s2_l2a_B01``…, ``s2_l1c_B01``…, ``s1_vv``,
+    ``s1_vh``; optional ``mask_<key>``) or the output of ``terrafm.prepare.normalize`` (variables
+    named by modality key with a ``band_<key>`` dim). Each modality reaches its own stem.
 
     Returns
     -------
@@ -70,20 +70,19 @@ def prepare_inputs(ds: xr.Dataset, modalities: Sequence[str] | None = None,
     Examples
     --------
     >>> import numpy as np, xarray as xr
-    >>> ds = xr.Dataset({"vv": (("y", "x"), np.full((2, 2), 0.1, "float32")),
-    ...                  "vh": (("y", "x"), np.full((2, 2), 0.01, "float32"))})
-    >>> ds["vv"].attrs["modality"] = ds["vh"].attrs["modality"] = "s1"
+    >>> ds = xr.Dataset({"s1_vv": (("y", "x"), np.full((2, 2), 0.1, "float32")),
+    ...                  "s1_vh": (("y", "x"), np.full((2, 2), 0.01, "float32"))})
     >>> arrays, has_time = prepare_inputs(ds)
     >>> list(arrays), has_time
     (['s1'], False)
     """
     has_time = "time" in ds.dims
-    already = [k for k in sensors.MODALITY_KEYS if k in ds.data_vars and f"band_{k}" in ds[k].dims]
+    already = [m.key for m in sensors.MODALITIES.values() if m.key in ds.data_vars and m.band_dim in ds[m.key].dims]
     present = already or prepare.detect_modalities(ds)
     if modalities is not None:
-        unknown = [m for m in modalities if m not in sensors.MODALITY_KEYS]
+        unknown = [m for m in modalities if m not in sensors.MODALITIES]
         if unknown:
-            raise ValueError(f"unknown modalities {unknown}; choose from {list(sensors.MODALITY_KEYS)}")
+            raise ValueError(f"unknown modalities {unknown}; choose from {list(sensors.MODALITIES)}")
         missing = [m for m in modalities if m not in present]
         if missing:
             raise ValueError(f"modalities {missing} requested but not in the Dataset (it has "
@@ -91,12 +90,12 @@ def prepare_inputs(ds: xr.Dataset, modalities: Sequence[str] | None = None,
     lead = ("time",) if has_time else ()
     found: dict[str, ModalityInput] = {}
     for key in [k for k in present if modalities is None or k in modalities]:
+        spec = sensors.MODALITIES[key]
         if already:   # the output of terrafm.prepare.normalize
-            data = ds[key].transpose(*lead, f"band_{key}", "y", "x")
-            if data.sizes[f"band_{key}"] != sensors.MODALITIES[key].n_bands:
-                raise ValueError(f"{key}: {data.sizes[f'band_{key}']} bands, TerraFM needs "
-                                 f"{list(sensors.MODALITIES[key].bands)}")
-            mask = ds[f"mask_{key}"] if f"mask_{key}" in ds else xr.ones_like(data.isel({f"band_{key}": 0}), bool)
+            data = ds[key].transpose(*lead, spec.band_dim, "y", "x")
+            if data.sizes[spec.band_dim] != spec.n_bands:
+                raise ValueError(f"{key}: {data.sizes[spec.band_dim]} bands, TerraFM needs {list(spec.bands)}")
+            mask = ds[spec.mask_variable] if spec.mask_variable in ds else xr.ones_like(data.isel({spec.band_dim: 0}), bool)
             found[key] = ModalityInput(data, mask.transpose(*lead, "y", "x"))
         else:         # stored bands: normalized block by block as they are read (prepare.normalize_block)
             stack, mask = prepare.stack_bands(ds, key)
@@ -128,6 +127,7 @@ def _fingerprint(model, grid, level, keys, has_time, times) -> dict:
     return {
         "model": getattr(getattr(model, "config", None), "name", type(model).__name__),
         "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
+        "fusion": getattr(model, "fusion_mode", None),
         "embed_dim": int(model.embed_dim),
         "level": level, "chip_size": grid.chip_size, "margin": grid.margin,
         "modalities": list(keys),
@@ -257,7 +257,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     from .tiling import ChipGrid, default_margin
 
     if isinstance(ds, xr.DataArray):
-        ds = ds.to_dataset(name=ds.name or "data") if ds.name in sensors.MODALITY_KEYS else ds.to_dataset(dim="band")
+        ds = ds.to_dataset(name=ds.name or "data") if ds.name in sensors.MODALITIES else ds.to_dataset(dim="band")
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"ds must be an xarray Dataset, got {type(ds).__name__}")
     if level not in ("patch", "chip"):
@@ -288,7 +288,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     n_t = len(times) if has_time else 1
     steps = [(t, b) for t in range(n_t) for b in blocks]
 
-    attrs = {"model": fp["model"], "checkpoint_sha256": fp["checkpoint_sha256"] or "",
+    attrs = {"model": fp["model"], "checkpoint_sha256": fp["checkpoint_sha256"] or "", "fusion": fp["fusion"] or "",
              "modalities": keys, "normalization": NORMALIZATION, "terrafm_version": __version__,
              "level": level, "chip_size": int(chip_size), "overlap": int(margin)}
     store_done = None

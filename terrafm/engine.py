@@ -33,8 +33,8 @@ from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from .prepare import FILL_VALUE, normalize_block
-from .sensors import MIN_VALID_FRACTION, PATCH_SIZE
+from .prepare import FILL_VALUE, normalize_block, normalized_block
+from .sensors import PATCH_SIZE, patch_valid
 from .tiling import Chip, ChipGrid
 
 __all__ = ["Engine", "Block", "BlockResult", "ModalityInput", "plan_blocks"]
@@ -175,7 +175,7 @@ class Engine:
         from .model import resolve_device
 
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval().fold_for_inference()
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1, e.g. 16")
@@ -209,9 +209,7 @@ class Engine:
                 offset = None if source.offset is None else np.asarray(source.offset)
                 win, mwin = normalize_block(win, key, mwin, offset)
             else:
-                win = win.astype("float32", copy=False)
-                mwin = mwin & np.isfinite(win).all(axis=0)
-                win = np.where(mwin[None], win, np.float32(FILL_VALUE))
+                win, mwin = normalized_block(win, mwin)
             images[key] = np.stack([win[:, c.y0 - y0:c.y0 - y0 + s, c.x0 - x0:c.x0 - x0 + s] for c in chips])
             masks[key] = np.stack([mwin[c.y0 - y0:c.y0 - y0 + s, c.x0 - x0:c.x0 - x0 + s] for c in chips])
         return chips, images, masks
@@ -226,22 +224,14 @@ class Engine:
     def forward(self, images: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]):
         """Run one batch; returns (cls (B, D), patch (B, h, w, D), valid (B, h, w)) as numpy.
 
-        Modalities without a single valid pixel in the batch are left out of the forward pass
-        (the model would mask them anyway); a batch with no valid pixel at all is not run.
+        Which modality counts where is the model's decision (its masks, its pixel -> patch rule).
         """
         torch = self._torch
         from .model import autocast
 
-        keys = [k for k in images if masks[k].any()]
-        n, s = next(iter(images.values())).shape[0], next(iter(images.values())).shape[-1]
-        g = s // PATCH_SIZE
-        if not keys:
-            d = self.model.embed_dim
-            return (np.full((n, d), np.nan, "float32"), np.full((n, g, g, d), np.nan, "float32"),
-                    np.zeros((n, g, g), bool))
         with torch.inference_mode(), autocast(self.device, self.precision):
-            out = self.model({k: self._to_device(images[k]) for k in keys},
-                             masks={k: self._to_device(masks[k]) for k in keys})
+            out = self.model({k: self._to_device(v) for k, v in images.items()},
+                             masks={k: self._to_device(v) for k, v in masks.items()})
         return (out.cls.float().cpu().numpy(), out.patch.float().cpu().numpy(),
                 out.valid.cpu().numpy().astype(bool))
 
@@ -254,13 +244,11 @@ class Engine:
         valid = np.zeros((h, w), bool)
         mvalid = {k: np.zeros((h, w), bool) for k in images}
         m = grid.margin // PATCH_SIZE
-        g = grid.chip_size // PATCH_SIZE
         for start in range(0, len(chips), self.batch_size):
             sl = slice(start, start + self.batch_size)
             cls, patch, pvalid = self.forward({k: v[sl] for k, v in images.items()},
                                               {k: v[sl] for k, v in masks.items()})
-            patch_masks = {k: v[sl].reshape(-1, g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)) >= MIN_VALID_FRACTION
-                           for k, v in masks.items()}
+            patch_masks = {k: patch_valid(v[sl], PATCH_SIZE) for k, v in masks.items()}
             for i, chip in enumerate(chips[sl]):
                 if level == "chip":
                     oy, ox = chip.row - block.out_y.start, chip.col - block.out_x.start

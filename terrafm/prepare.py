@@ -1,6 +1,7 @@
-"""From a loaded Dataset to model-ready arrays: S1/S2 pairing, temporal composites, normalization.
+"""From a loaded Dataset to model-ready arrays: pairing, temporal composites, normalization.
 
-Constants (band order, mu/sigma, dB conversion) come from :mod:`terrafm.sensors`.
+Every sensor rule (band variables, validity, DN offset, normalization) comes from the modality
+registry :mod:`terrafm.sensors`; this module loops over it.
 
 Examples
 --------
@@ -25,9 +26,8 @@ from . import sensors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["solar_day", "nearest_index", "take_time_steps", "time_gap_attrs", "pair_nearest", "composite", "detect_modalities", "normalize", "normalize_block",
-           "stack_bands",
-           "FILL_VALUE"]
+__all__ = ["solar_day", "nearest_index", "take_time_steps", "time_gap_attrs", "pair_nearest", "composite",
+           "detect_modalities", "normalize", "normalize_block", "normalized_block", "stack_bands", "FILL_VALUE"]
 
 FILL_VALUE = 0.5
 """Normalized value written where a pixel is invalid (the band mean)."""
@@ -51,10 +51,6 @@ def solar_day(item, lon: float | None = None) -> _dt.date:
     if lon is None:
         lon = (item.bbox[0] + item.bbox[2]) / 2
     return solar_date(nominal_datetime(item), lon)
-
-
-def _bands(modality: str) -> list[str]:
-    return list(sensors.get_modality(modality).bands)
 
 
 def nearest_index(target: np.ndarray, source: np.ndarray,
@@ -108,38 +104,44 @@ def take_time_steps(data, index: np.ndarray, fill):
     return np.where(present[wide], picked, np.asarray(fill, dtype=data.dtype))
 
 
-def time_gap_attrs(window: str | _dt.timedelta) -> dict:
-    """Attributes of ``s1_time_gap`` for a pairing window (one wording for every pairing).
+def time_gap_attrs(window: str | _dt.timedelta, modality: "str | sensors.Modality") -> dict:
+    """Attributes of ``<key>_time_gap`` for a pairing window (one wording for every pairing).
 
     Examples
     --------
-    >>> time_gap_attrs("3D")["description"]
-    'S1 minus S2 acquisition time; NaT if none within 3 days 00:00:00'
+    >>> time_gap_attrs("3D", "s1")["description"]
+    's1 acquisition time minus the paired date; NaT if none within 3 days 00:00:00'
     """
-    return {"description": f"S1 minus S2 acquisition time; NaT if none within {pd.Timedelta(window)}"}
+    key = sensors.get_modality(modality).key
+    return {"description": f"{key} acquisition time minus the paired date; NaT if none within {pd.Timedelta(window)}"}
 
 
-def pair_nearest(s2: xr.Dataset, s1: xr.Dataset, window: str | _dt.timedelta = "3D") -> xr.Dataset:
-    """Put S1 on the S2 time axis: each S2 date gets the nearest S1 acquisition within ``window``.
+def pair_nearest(primary: xr.Dataset, paired: xr.Dataset, window: str | _dt.timedelta = "3D") -> xr.Dataset:
+    """Put the paired modalities of ``paired`` (S1) on the time axis of ``primary`` (S2): each date
+    gets the nearest acquisition within ``window``.
 
-    S2 dates without S1 in the window get NaN ``vv``/``vh``, ``mask_s1`` False and ``s1_time_gap``
-    NaT. ``s1_time_gap`` (time) is S1 time minus S2 time. :func:`terrafm.stac.load` pairs the
-    same way when it loads S2 and S1 together.
+    Dates without one in the window get the modality's missing value (NaN for S1), mask False and
+    ``<key>_time_gap`` NaT; ``<key>_time_gap`` (time) is acquisition time minus the paired date.
+    :func:`terrafm.stac.load` pairs the same way when it loads them together.
 
     Examples
     --------
     >>> paired = pair_nearest(ds_s2, ds_s1, window="6D")                     # doctest: +SKIP
     """
-    index, gaps = nearest_index(s2.time.values, s1.time.values, window)
+    index, gaps = nearest_index(primary.time.values, paired.time.values, window)
     new = {}
-    for name, dtype, fill in (("vv", np.float32, np.nan), ("vh", np.float32, np.nan), ("mask_s1", bool, False)):
-        var = s1[name].transpose("time", ...)
-        data = var.data if var.dtype == dtype else var.data.astype(dtype)
-        new[name] = xr.Variable(var.dims, take_time_steps(data, index, fill), dict(var.attrs))
-    new["s1_time_gap"] = xr.Variable(("time",), gaps, time_gap_attrs(window))
-    out = s2.assign(new)
-    logger.info("paired %d of %d S2 dates with S1 within %s", int((index >= 0).sum()), len(index), window)
-    return out
+    for m in [m for m in sensors.MODALITIES.values() if m.paired and m.mask_variable in paired]:
+        fills = [(v, np.dtype(m.dtype), m.missing_value) for v in m.variables] + [(m.mask_variable, np.dtype(bool), False)]
+        for name, dtype, fill in fills:
+            var = paired[name].transpose("time", ...)
+            data = var.data if var.dtype == dtype else var.data.astype(dtype)
+            new[name] = xr.Variable(var.dims, take_time_steps(data, index, fill), dict(var.attrs))
+        new[m.gap_variable] = xr.Variable(("time",), gaps, time_gap_attrs(window, m))
+        logger.info("paired %d of %d dates with %s within %s", int((index >= 0).sum()), len(index), m.key, window)
+    if not new:
+        raise ValueError(f"pair_nearest: the second Dataset holds no paired modality "
+                         f"({[m.key for m in sensors.MODALITIES.values() if m.paired]}); it has {list(paired.data_vars)}")
+    return primary.assign(new)
 
 
 def _bins(time: xr.DataArray, freq: str | Sequence) -> tuple[np.ndarray, list]:
@@ -168,7 +170,8 @@ def composite(ds: xr.Dataset, freq: str | Sequence = "month") -> xr.Dataset:
     Parameters
     ----------
     ds : xr.Dataset
-        Loaded Dataset with ``mask_<key>`` variables.
+        Stored bands (``<key>_<band>``); a pixel enters the median where the registry's validity
+        rule holds and ``mask_<key>``, when present, is True.
     freq : "month", "season" (DJF/MAM/JJA/SON), a pandas period alias, or bin edges
         (a sequence of datetimes; bin i is [edges[i], edges[i+1])).
 
@@ -184,81 +187,104 @@ def composite(ds: xr.Dataset, freq: str | Sequence = "month") -> xr.Dataset:
     True
     """
     keys, bins = _bins(ds.time, freq)
-    mods = [m for m in sensors.MODALITY_KEYS if f"mask_{m}" in ds]
+    mods = [sensors.MODALITIES[k] for k in detect_modalities(ds)]
+    layers = [layer.variable for layer in sensors.LAYERS.values() if layer.variable in ds]
     outs = []
     for b in bins:
         sel = ds.isel(time=np.flatnonzero(keys == b))
         step = xr.Dataset(coords={k: v for k, v in ds.coords.items() if "time" not in v.dims})
         for m in mods:
-            mask = sel[f"mask_{m}"]
-            for band in _bands(m):
-                if band in sel:
-                    step[band] = sel[band].astype("float32").where(mask).median("time", skipna=True)
-                    step[band].attrs = dict(ds[band].attrs)
+            mask = _pixel_valid(sel, m)
+            for name in m.variables:
+                step[name] = sel[name].astype("float32").where(mask).median("time", skipna=True)
+                step[name].attrs = dict(ds[name].attrs)
             count = mask.sum("time").astype("uint16")
-            step[f"count_{m}"] = count
-            step[f"mask_{m}"] = count > 0
-        for name in ("worldcover",):
-            if name in ds:
-                step[name] = ds[name]
-        if "s2_offset" in ds.coords:
-            offs = np.unique(sel.s2_offset.values)
-            if len(offs) > 1:
-                raise ValueError("a composite bin mixes S2 DN offsets: load with s2_offset='harmonize'")
-            step = step.assign_coords(s2_offset=int(offs[0]) if len(offs) else 0)
+            step[f"count_{m.key}"] = count
+            step[m.mask_variable] = count > 0
+            if m.offset_coord in ds.coords:
+                offs = np.unique(sel[m.offset_coord].values)
+                if len(offs) > 1:
+                    raise ValueError(f"a composite bin mixes {m.key} DN offsets {offs.tolist()}: load with "
+                                     "s2_offset='harmonize'")
+                step = step.assign_coords({m.offset_coord: int(offs[0]) if len(offs) else 0})
         outs.append(step.expand_dims(time=[b]))
     out = xr.concat(outs, dim="time", data_vars="all", coords="different", compat="equals", join="outer")
-    if "worldcover" in ds:
-        out["worldcover"] = ds["worldcover"]
+    for name in layers:
+        out[name] = ds[name]
     out.attrs = dict(ds.attrs, composite=str(freq))
     return out
 
 
-def detect_modalities(ds: xr.Dataset) -> list[str]:
-    """Modality keys present in a Dataset of stored bands, in :data:`terrafm.sensors.MODALITY_KEYS` order.
+def _pixel_valid(ds: xr.Dataset, m: sensors.Modality) -> xr.DataArray:
+    mask = ds[m.mask_variable] if m.mask_variable in ds else None
+    return m.pixel_valid([ds[v] for v in m.variables], mask=mask)
 
-    Read from ``ds.attrs["terrafm_modalities"]`` (set by :func:`terrafm.stac.load`), else from
-    each band's ``modality`` attribute, else from the band names (``B01``… → ``s2_l2a``,
-    ``vv``/``vh`` → ``s1``).
+
+def _legacy_names(ds: xr.Dataset) -> dict[str, list[str]]:
+    """Modality key -> variables named by a bare band name (``B04``, ``vv``), the pre-registry
+    contract, guessing the key from a ``modality`` attribute (else every modality with that band)."""
+    found: dict[str, list[str]] = {}
+    for m in sensors.MODALITIES.values():
+        for band in m.bands:
+            var = ds.data_vars.get(band)
+            if var is not None and var.attrs.get("modality", m.key) == m.key:
+                found.setdefault(m.key, []).append(band)
+    return found
+
+
+def _legacy_error(ds: xr.Dataset, legacy: dict[str, list[str]]) -> ValueError:
+    example = next(iter(legacy))
+    rename = {b: sensors.MODALITIES[example].variable(b) for b in legacy[example][:3]}
+    current = [m.key for m in sensors.MODALITIES.values() if any(v in ds for v in m.variables)]
+    mixing = (f"mixes new variable names (of {current}) with old bare band names {sorted({b for v in legacy.values() for b in v})}"
+              if current else f"names bands by the old bare names {sorted({b for v in legacy.values() for b in v})}")
+    return ValueError(
+        f"the Dataset {mixing}; bands are now '<modality>_<band>' so that Sentinel-2 L2A and L1C can sit side by "
+        f"side (s2_l2a_B04, s2_l1c_B04, s1_vv). Rename them for the modality they are, e.g. "
+        f"ds.rename({rename}) (candidates: {list(legacy)}), or load with terrafm.stac.load.")
+
+
+def detect_modalities(ds: xr.Dataset) -> list[str]:
+    """Modality keys present in a Dataset of stored bands, in registry order.
+
+    Read from ``ds.attrs["terrafm_modalities"]`` (set by :func:`terrafm.stac.load`), else from the
+    band variables ``<key>_<band>`` found. Bare band names of the old contract (``B04``, ``vv``)
+    raise an error giving the rename, so L1C is never taken for L2A.
 
     Examples
     --------
-    >>> ds = xr.Dataset({"vv": ("x", [0.1]), "vh": ("x", [0.01])})
+    >>> ds = xr.Dataset({"s1_vv": ("x", [0.1]), "s1_vh": ("x", [0.01])})
     >>> detect_modalities(ds)
     ['s1']
+    >>> detect_modalities(xr.Dataset({"vv": ("x", [0.1]), "vh": ("x", [0.01])}))
+    Traceback (most recent call last):
+    ...
+    ValueError: the Dataset names bands by the old bare names ['vh', 'vv']; bands are now '<modality>_<band>' so that Sentinel-2 L2A and L1C can sit side by side (s2_l2a_B04, s2_l1c_B04, s1_vv). Rename them for the modality they are, e.g. ds.rename({'vv': 's1_vv', 'vh': 's1_vh'}) (candidates: ['s1']), or load with terrafm.stac.load.
     """
+    legacy = _legacy_names(ds)
+    if legacy:
+        raise _legacy_error(ds, legacy)
     if ds.attrs.get("terrafm_modalities"):
-        return list(ds.attrs["terrafm_modalities"])
-    found = set()
-    for name, var in ds.data_vars.items():
-        key = var.attrs.get("modality")
-        if key is None:
-            key = "s1" if name in sensors.S1_BANDS else "s2_l2a" if name in sensors.S2_BANDS else None
-        if key in sensors.MODALITY_KEYS and not str(name).startswith("mask_"):
-            found.add(key)
-    return [k for k in sensors.MODALITY_KEYS if k in found]
+        return [k for k in ds.attrs["terrafm_modalities"] if k in sensors.MODALITIES]
+    return [m.key for m in sensors.MODALITIES.values()
+            if any(v in ds.data_vars for v in m.variables) or m.key in ds.data_vars]
 
 
 def no_modality_error(ds: xr.Dataset) -> ValueError:
     """The error for a Dataset in which :func:`detect_modalities` finds nothing, naming the fix."""
+    expected = {m.key: f"{m.variables[0]}..{m.variables[-1]}" for m in sensors.MODALITIES.values()}
     return ValueError(
-        "no modality found in the Dataset: it needs Sentinel-2 bands named "
-        f"{list(sensors.S2_BANDS)} (attr modality='s2_l2a' or 's2_l1c') and/or Sentinel-1 "
-        f"'vv', 'vh' (attr modality='s1'); it has {list(ds.data_vars)}. Load it with "
-        "terrafm.stac.load or rename the variables")
+        f"no modality found in the Dataset: it needs band variables named <modality>_<band> ({expected}); "
+        f"it has {list(ds.data_vars)}. Load it with terrafm.stac.load or rename the variables")
 
 
-def _check_band_names(ds: xr.Dataset, modality: str) -> list[str]:
-    bands = _bands(modality)
-    tagged = [str(n) for n, v in ds.data_vars.items() if v.attrs.get("modality") == modality]
-    wrong = [n for n in tagged if n not in bands]
-    missing = [b for b in bands if b not in ds]
-    if wrong or missing:
-        have = sorted(set(tagged) | {b for b in bands if b in ds})
-        raise ValueError(f"{modality}: bands {have} do not match TerraFM's {bands} "
-                         f"(unexpected {wrong}, missing {missing}); rename or select the bands, "
-                         "or fill absent ones with terrafm.sensors.fill_missing_bands")
-    return bands
+def _check_band_names(ds: xr.Dataset, m: sensors.Modality) -> list[str]:
+    missing = [v for v in m.variables if v not in ds]
+    if missing:
+        have = [v for v in m.variables if v in ds]
+        raise ValueError(f"{m.key}: the Dataset has {have} but lacks {missing} of TerraFM's {list(m.variables)}; "
+                         "select or rename the bands, or fill absent ones with terrafm.sensors.fill_missing_bands")
+    return list(m.variables)
 
 
 def stack_bands(ds: xr.Dataset, modality: str) -> tuple[xr.DataArray, xr.DataArray]:
@@ -269,44 +295,46 @@ def stack_bands(ds: xr.Dataset, modality: str) -> tuple[xr.DataArray, xr.DataArr
 
     Examples
     --------
-    >>> ds = xr.Dataset({"vv": (("y", "x"), [[0.1]]), "vh": (("y", "x"), [[0.01]])})
+    >>> ds = xr.Dataset({"s1_vv": (("y", "x"), [[0.1]]), "s1_vh": (("y", "x"), [[0.01]])})
     >>> stack, mask = stack_bands(ds, "s1")
     >>> stack.dims, stack.band_s1.values.tolist(), mask.values.tolist()
     (('band_s1', 'y', 'x'), ['vv', 'vh'], [[True]])
     """
-    bands = _check_band_names(ds, modality)
-    band_dim = f"band_{modality}"
-    stack = xr.concat([ds[b] for b in bands], dim=band_dim).assign_coords({band_dim: bands})
-    stack = stack.transpose(*(("time",) if "time" in stack.dims else ()), band_dim, "y", "x")
+    m = sensors.get_modality(modality)
+    names = _check_band_names(ds, m)
+    stack = xr.concat([ds[v] for v in names], dim=m.band_dim).assign_coords({m.band_dim: list(m.bands)})
+    stack = stack.transpose(*(("time",) if "time" in stack.dims else ()), m.band_dim, "y", "x")
     if stack.chunks is not None:
-        stack = stack.chunk({band_dim: -1})
-    if f"mask_{modality}" in ds:
-        mask = ds[f"mask_{modality}"].astype(bool)
+        stack = stack.chunk({m.band_dim: -1})
+    if m.mask_variable in ds:
+        mask = ds[m.mask_variable].astype(bool)
     else:
-        mask = xr.ones_like(stack.isel({band_dim: 0}, drop=True), dtype=bool)
+        mask = xr.ones_like(stack.isel({m.band_dim: 0}, drop=True), dtype=bool)
     return stack, mask
 
 
 def normalize_block(raw: np.ndarray, modality: str, mask: np.ndarray | None = None,
                     offset: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """The numpy core of :func:`normalize`: stored values of one block → model input and validity.
+    """The numpy core of :func:`normalize`: stored values of one block -> model input and validity.
 
     Parameters
     ----------
     raw : numpy.ndarray
-        Stored values ``(..., C, y, x)`` in TerraFM band order (S2 DN, S1 linear power).
+        Stored values ``(..., C, y, x)`` in registry band order (S2 DN, S1 linear power).
     modality : str
         Modality key.
     mask : numpy.ndarray, optional
         ``(..., y, x)`` bool, False where the pixel is known to be invalid (e.g. from SCL).
     offset : float or numpy.ndarray, optional
-        S2 DN offset to subtract (baseline 04.00+ harmonization), scalar or ``(..., 1, 1)``.
+        DN offset still in the stored values, removed by the modality's harmonization rule
+        (:meth:`terrafm.sensors.Modality.harmonize`), scalar or ``(..., 1, 1)``.
 
     Returns
     -------
     (normalized, valid)
         float32 ``(..., C, y, x)`` with :data:`FILL_VALUE` at invalid pixels, and bool
-        ``(..., y, x)``: every band finite and not nodata (S1 also > 0), and ``mask``.
+        ``(..., y, x)`` by the registry's rule (:meth:`terrafm.sensors.Modality.pixel_valid`)
+        and ``mask``.
 
     Examples
     --------
@@ -315,23 +343,31 @@ def normalize_block(raw: np.ndarray, modality: str, mask: np.ndarray | None = No
     >>> valid.tolist(), bool(x[0, 0, 1] == FILL_VALUE)
     ([[True, False]], True)
     """
-    spec = sensors.get_modality(modality)
+    m = sensors.get_modality(modality)
     raw = np.asarray(raw)
-    valid = (raw != spec.nodata).all(axis=-3)
-    if np.issubdtype(raw.dtype, np.floating):
-        valid &= np.isfinite(raw).all(axis=-3)
-    if spec.key == "s1":
-        valid &= (raw > 0).all(axis=-3)
-    if mask is not None:
-        valid &= np.asarray(mask, dtype=bool)
-    x = raw.astype(np.float32)                      # a fresh buffer, normalized in place
+    valid = m.pixel_valid(raw, mask=None if mask is None else np.asarray(mask))
     if offset is not None:
-        off = np.asarray(offset, dtype=np.float32)
-        x -= np.expand_dims(off, -3) if off.ndim else off
-        np.maximum(x, 0, out=x)
-    sensors.normalize(x, spec.key, channel_axis=-3, inplace=True)
+        off = np.asarray(offset)
+        raw = m.harmonize(raw, np.expand_dims(off, -3) if off.ndim else off)
+    x = raw.astype(np.float32)                      # a fresh buffer, normalized in place
+    m.normalize(x, channel_axis=-3, inplace=True)
     np.copyto(x, np.float32(FILL_VALUE), where=~np.expand_dims(valid, -3))
     return x, valid
+
+
+def normalized_block(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An already-normalized block ``(..., C, y, x)``: float32 with :data:`FILL_VALUE` where
+    ``mask`` is False or a band is not finite, and that validity.
+
+    Examples
+    --------
+    >>> x, valid = normalized_block(np.array([[[0.2, np.nan]]]), np.array([[True, True]]))
+    >>> x.tolist(), valid.tolist()
+    ([[[0.20000000298023224, 0.5]]], [[True, False]])
+    """
+    x = np.asarray(x, dtype=np.float32)
+    valid = np.asarray(mask, dtype=bool) & np.isfinite(x).all(axis=-3)
+    return np.where(np.expand_dims(valid, -3), x, np.float32(FILL_VALUE)), valid
 
 
 def _normalize_band_last(raw, ok, off=None, *, modality):
@@ -343,18 +379,20 @@ def _normalize_band_last(raw, ok, off=None, *, modality):
 def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset: str = "raw") -> xr.Dataset:
     """Model-ready arrays: per modality a float32 ``([time,] band_<key>, y, x)`` variable, lazily.
 
-    Values follow :func:`terrafm.sensors.normalize` (S1 in dB first). A pixel is valid when every
-    band is finite and not nodata (S2 DN 0; S1 0 or negative) and, when the Dataset has one, its
-    ``mask_<key>`` is True; invalid pixels are set to :data:`FILL_VALUE` and the combined mask is
-    returned as ``mask_<key>``. ``s2_offset="harmonize"`` subtracts the DN offset recorded in the
-    ``s2_offset`` coordinate (baseline 04.00+) before normalizing; ``"raw"`` (default, the DN the
+    Values follow :func:`terrafm.sensors.normalize` (S1 in dB first). A pixel is valid by the
+    registry's rule (:meth:`terrafm.sensors.Modality.pixel_valid`: every band finite and not
+    nodata, S1 also > 0) and, when the Dataset has one, its ``mask_<key>``; invalid pixels are
+    set to :data:`FILL_VALUE` and the combined mask is returned as ``mask_<key>``.
+    ``s2_offset="harmonize"`` removes the DN offset recorded in the ``<key>_offset`` coordinate
+    (baseline 04.00+) by :meth:`terrafm.sensors.Modality.harmonize` before normalizing (the same
+    rule as ``terrafm.stac.load(s2_offset="harmonize")``); ``"raw"`` (default, the DN the
     statistics were computed on) uses stored values.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        Stored bands (``B01``…``B12`` and/or ``vv``, ``vh``) on dims ``([time,] y, x)``, e.g. from
-        :func:`terrafm.stac.load`.
+        Stored bands (``<key>_<band>``: ``s2_l2a_B01``..., ``s1_vv``, ``s1_vh``) on dims
+        ``([time,] y, x)``, e.g. from :func:`terrafm.stac.load`.
     modalities : sequence of str, optional
         Modality keys to keep; default: every modality found (:func:`detect_modalities`).
     s2_offset : {"raw", "harmonize"}
@@ -362,7 +400,7 @@ def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset
     Examples
     --------
     >>> import numpy as np
-    >>> ds = xr.Dataset({"vv": (("y", "x"), [[0.1, 0.0]]), "vh": (("y", "x"), [[0.01, 0.02]])})
+    >>> ds = xr.Dataset({"s1_vv": (("y", "x"), [[0.1, 0.0]]), "s1_vh": (("y", "x"), [[0.01, 0.02]])})
     >>> x = normalize(ds)
     >>> x.s1.dims, x.mask_s1.values.tolist()
     (('band_s1', 'y', 'x'), [[True, False]])
@@ -370,25 +408,26 @@ def normalize(ds: xr.Dataset, modalities: Sequence[str] | None = None, s2_offset
     if s2_offset not in ("raw", "harmonize"):
         raise ValueError(f"s2_offset must be 'raw' or 'harmonize', got {s2_offset!r}")
     mods = list(modalities) if modalities is not None else detect_modalities(ds)
-    unknown = [m for m in mods if m not in sensors.MODALITY_KEYS]
+    unknown = [m for m in mods if m not in sensors.MODALITIES]
     if unknown:
-        raise ValueError(f"unknown modalities {unknown}; choose from {list(sensors.MODALITY_KEYS)}")
+        raise ValueError(f"unknown modalities {unknown}; choose from {list(sensors.MODALITIES)}")
     if not mods:
         raise no_modality_error(ds)
-    out = xr.Dataset(coords={k: v for k, v in ds.coords.items() if k != "s2_offset"})
-    for m in mods:
-        stack, mask = stack_bands(ds, m)
-        band_dim = f"band_{m}"
-        inputs, core = [stack, mask], [[band_dim], []]
-        if m.startswith("s2") and s2_offset == "harmonize" and "s2_offset" in ds.coords:
-            inputs.append(ds.s2_offset.astype("float32"))
+    offsets = {sensors.MODALITIES[k].offset_coord for k in mods}
+    out = xr.Dataset(coords={k: v for k, v in ds.coords.items() if k not in offsets})
+    for key in mods:
+        m = sensors.MODALITIES[key]
+        stack, mask = stack_bands(ds, key)
+        inputs, core = [stack, mask], [[m.band_dim], []]
+        if s2_offset == "harmonize" and m.offset_coord in ds.coords:
+            inputs.append(ds[m.offset_coord])
             core.append([])
-        norm, valid = xr.apply_ufunc(partial(_normalize_band_last, modality=m), *inputs,
-                                     input_core_dims=core, output_core_dims=[[band_dim], []],
+        norm, valid = xr.apply_ufunc(partial(_normalize_band_last, modality=key), *inputs,
+                                     input_core_dims=core, output_core_dims=[[m.band_dim], []],
                                      dask="parallelized", output_dtypes=[np.float32, bool])
         norm = norm.transpose(*stack.dims)
-        norm.attrs = {"modality": m, "normalization": sensors.NORMALIZATION_FORMULA + (", x in dB" if m == "s1" else "")}
-        out[m] = norm
-        out[f"mask_{m}"] = valid
+        norm.attrs = {"modality": key, "normalization": m.normalization}
+        out[key] = norm
+        out[m.mask_variable] = valid
     out.attrs = dict(ds.attrs, terrafm_modalities=list(mods), s2_offset_normalization=s2_offset)
     return out

@@ -1,20 +1,27 @@
-"""Sensor facts TerraFM was trained on: modalities, band order, scaling, nodata and normalization.
+"""The modality registry: every rule about a sensor lives here, once, as data.
 
-Every constant here comes from the TerraFM release (normalization published with the model in
-TerraTorch PR #947). Other modules read these tables; nothing else in terrafm hard-codes a band
-name, a mean or a nodata value.
+One :class:`Modality` object per model input owns its band names and order, stored dtype and
+nodata, validity rule (quality-mask decoding, nodata, finiteness, positivity), normalization
+(including the dB conversion), DN offset rule (the Sentinel-2 processing-baseline offset), the
+variable names it takes in a Dataset, how each STAC catalog publishes it (:class:`Collection`:
+collection id, asset keys, scale/offset) and its Major-TOM columns. Label layers that are not
+model inputs (ESA WorldCover) are :class:`Layer` objects. ``stac``, ``prepare``, ``engine``, the
+model's input checks and ``pretrain`` loop over :data:`MODALITIES`; none of them names a sensor.
+Adding a sensor is one :func:`register_modality` call (and a model config that lists it).
 
-Normalization: ``x' = (x - (mu - 2 sigma)) / (4 sigma)``, no clipping, so ``mu`` maps to 0.5.
-Sentinel-1 linear power is converted to decibels (``10 log10``) before normalizing.
+Normalization (TerraTorch PR #947): ``x' = (x - (mu - 2 sigma)) / (4 sigma)``, no clipping, so
+``mu`` maps to 0.5; linear power is converted to decibels (``10 log10``) first.
 
-Works for numpy arrays and torch tensors alike; torch is never imported here.
+Dataset contract: a band is the variable ``<key>_<band>`` (``s2_l2a_B04``, ``s2_l1c_B04``,
+``s1_vv``), the pixel validity ``mask_<key>``; Sentinel-2 L2A and L1C can therefore sit side by
+side. Works for numpy arrays, dask arrays and torch tensors; torch is never imported here.
 
 Examples
 --------
 >>> import numpy as np
 >>> from terrafm import sensors
->>> sensors.MODALITIES["s1"].bands
-('vv', 'vh')
+>>> sensors.MODALITIES["s1"].bands, sensors.MODALITIES["s1"].variables
+(('vv', 'vh'), ('s1_vv', 's1_vh'))
 >>> x = np.full((2, 4, 4), 0.1, dtype="float32")          # linear power, -10 dB
 >>> sensors.normalize(x, "s1")[0, 0, 0].round(4)
 np.float32(0.6178)
@@ -24,34 +31,29 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
-    "ModalitySpec",
-    "MODALITIES",
-    "MODALITY_KEYS",
-    "S2_BANDS",
-    "S1_BANDS",
-    "PATCH_SIZE",
-    "S2_NODATA",
-    "S1_NODATA",
-    "NORMALIZATION_FORMULA",
-    "MIN_VALID_FRACTION",
-    "S2_BASELINE_OFFSET",
-    "S2_OFFSET_BASELINE",
-    "S2_OFFSET_START",
-    "get_modality",
-    "linear_to_db",
-    "normalize",
-    "denormalize",
-    "fill_missing_bands",
-    "validate_bands",
+    "Modality", "Collection", "BaselineOffset", "QualityMask", "MajorTOM", "Layer",
+    "MODALITIES", "LAYERS", "RELEASE_MODALITIES", "register_modality", "unregister_modality",
+    "register_layer", "get_modality", "S2_BANDS", "S1_BANDS", "PATCH_SIZE", "MIN_VALID_FRACTION",
+    "NORMALIZATION_FORMULA", "patch_valid", "linear_to_db", "normalize", "denormalize",
+    "fill_missing_bands", "validate_bands",
 ]
 
 PATCH_SIZE = 16
 """Side of one ViT patch in pixels (160 m at 10 m resolution)."""
+
+MIN_VALID_FRACTION = 0.5
+"""A 16 x 16 patch counts as valid for a modality when at least this fraction of its pixels is."""
+
+NORMALIZATION_FORMULA = "(x - (mu - 2 sigma)) / (4 sigma)"
+"""What :func:`normalize` computes (recorded in attrs of normalized arrays and embeddings)."""
+
+DB_FLOOR = 1e-10
+"""Linear power below this is clipped before the dB conversion (zero power stays finite)."""
 
 S2_BANDS: tuple[str, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12",
@@ -61,54 +63,228 @@ S2_BANDS: tuple[str, ...] = (
 S1_BANDS: tuple[str, ...] = ("vv", "vh")
 """Sentinel-1 polarisations in TerraFM order."""
 
-S2_NODATA = 0
-S1_NODATA = -32768.0
 
-MIN_VALID_FRACTION = 0.5
-"""A 16 x 16 patch counts as valid for a modality when at least this fraction of its pixels is."""
+# =================================================================================================
+# the parts of a modality
+# =================================================================================================
+@dataclass(frozen=True)
+class Collection:
+    """How one STAC catalog publishes one modality (or label layer).
 
-NORMALIZATION_FORMULA = "(x - (mu - 2 sigma)) / (4 sigma)"
-"""What :func:`normalize` computes (recorded in attrs of normalized arrays and embeddings)."""
+    Attributes
+    ----------
+    id : str
+        Collection id in that catalog.
+    assets : mapping
+        Band name -> asset key (``{"B02": "blue"}`` on Earth Search).
+    mask : str or None
+        Asset key of the quality layer (the modality's :class:`QualityMask`), if the catalog has one.
+    scale, offset : float
+        Physical value = DN * scale + offset as the catalog states it (informational: terrafm
+        keeps stored DN, whose statistics the model was trained on).
 
-S2_BASELINE_OFFSET = 1000
-"""DN offset added to Sentinel-2 products of processing baseline 04.00 and later."""
-S2_OFFSET_BASELINE = "04.00"
-S2_OFFSET_START = _dt.date(2022, 1, 25)
-"""First acquisition date processed with baseline 04.00 (the +1000 DN offset)."""
+    Examples
+    --------
+    >>> MODALITIES["s2_l1c"].collections["earth-search"].assets["B8A"]
+    'nir08'
+    """
+
+    id: str
+    assets: Mapping[str, str]
+    mask: str | None = None
+    scale: float = 1.0
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
-class ModalitySpec:
-    """What TerraFM expects for one input modality.
+class QualityMask:
+    """A categorical quality layer decoded into pixel validity (Sentinel-2 scene classification).
+
+    Examples
+    --------
+    >>> scl = MODALITIES["s2_l2a"].quality
+    >>> scl.decode(np.array([4, 8, 0], "uint8")).tolist()   # vegetation, cloud, no data
+    [True, False, False]
+    """
+
+    name: str
+    invalid_classes: tuple[int, ...]
+    description: str
+    dtype: str = "uint8"
+    nodata: int = 0
+
+    def decode(self, codes):
+        """``True`` where a class code is a usable observation (numpy or dask codes)."""
+        table = np.ones(256, dtype=bool)
+        table[list(self.invalid_classes)] = False
+        if isinstance(codes, np.ndarray):
+            return table[codes]
+        return codes.map_blocks(table.__getitem__, dtype=bool)
+
+
+@dataclass(frozen=True)
+class BaselineOffset:
+    """A DN offset that products from some processing baseline on carry.
+
+    Sentinel-2 products of baseline 04.00 and later (acquired from 2022-01-25) store
+    ``DN = 10000 * reflectance + 1000``. The one harmonization rule, used by
+    :func:`terrafm.stac.load`, :func:`terrafm.prepare.normalize`, :func:`terrafm.embed` and the
+    pretraining reader alike: a pixel's validity is decided on the stored DN (nodata stays
+    nodata), and a valid DN becomes ``max(DN - offset, floor)``: a valid pixel stays valid, a
+    slightly negative reflectance becomes the smallest positive DN.
+
+    Examples
+    --------
+    >>> rule = MODALITIES["s2_l2a"].offset
+    >>> rule.present(baseline="04.00"), rule.present(baseline="03.01"), rule.present(acquired=_dt.date(2023, 1, 1))
+    (True, False, True)
+    """
+
+    dn: int
+    property: str
+    since: str
+    start: _dt.date
+    floor: int = 1
+
+    def present(self, baseline: str | None = None, acquired: Any = None) -> bool:
+        """Whether a product carries the offset: from its baseline when known, else its date."""
+        if baseline:
+            return str(baseline) >= self.since
+        if acquired is not None:
+            day = acquired.date() if isinstance(acquired, _dt.datetime) else acquired
+            return day >= self.start
+        return False
+
+
+@dataclass(frozen=True)
+class MajorTOM:
+    """Where a modality lives in Major-TOM Core: sub-directories and band columns (band order)."""
+
+    dirs: tuple[str, ...]
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Modality:
+    """Everything terrafm knows about one model input; see the module docstring.
 
     Attributes
     ----------
     key : str
-        Modality key used by the model (``"s2_l2a"``, ``"s2_l1c"``, ``"s1"``).
+        Model key (``"s2_l2a"``); the stem ``conv2d_<key>`` and Dataset names derive from it.
     bands : tuple of str
         Band names in model channel order.
     mean, std : tuple of float
-        Per-band statistics of the stored values (DN for S2, dB for S1).
+        Per-band statistics of the stored values (in dB when ``to_db``).
+    dtype : str
+        Stored data type.
     nodata : float
         Stored nodata value.
+    units : str
+        Unit of stored values (``"DN"``, ``"linear power"``).
     to_db : bool
-        Whether stored values are linear power converted to dB before normalizing.
+        Stored linear power is converted to dB before normalizing.
+    positive : bool
+        Only values > 0 are valid (power cannot be zero or negative).
     description : str
-        Human-readable name.
+    aliases : tuple of str
+        Other names :func:`get_modality` accepts.
+    paired : bool
+        Acquired on its own schedule: a joint load puts it on the dates of the other modalities
+        (nearest acquisition within a window) instead of adding its own dates.
+    quality : QualityMask, optional
+        Quality layer decoded into validity.
+    offset : BaselineOffset, optional
+        DN offset rule.
+    collections : mapping
+        Catalog name -> :class:`Collection`.
+    band_aliases : mapping
+        Band -> other names that identify it in a foreign catalog's asset keys or ``eo:bands``.
+    product_hints : mapping
+        Item property -> values that identify this modality among ones with the same bands.
+    majortom : MajorTOM, optional
+    cloud_cover : str, optional
+        Item property stating the scene's cloud cover (optical modalities), for ``max_cloud``.
     """
 
     key: str
     bands: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    dtype: str
     nodata: float
-    to_db: bool
+    units: str
     description: str
-    aliases: tuple[str, ...] = field(default=())
+    to_db: bool = False
+    positive: bool = False
+    aliases: tuple[str, ...] = ()
+    paired: bool = False
+    quality: QualityMask | None = None
+    offset: BaselineOffset | None = None
+    collections: Mapping[str, Collection] = field(default_factory=dict)
+    band_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    product_hints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    majortom: MajorTOM | None = None
+    cloud_cover: str | None = None
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.key.isidentifier() or self.key != self.key.lower():
+            problems.append("key must be a lower-case identifier")
+        if not self.bands or len(set(self.bands)) != len(self.bands):
+            problems.append(f"bands {self.bands} must be non-empty and distinct")
+        if not len(self.mean) == len(self.std) == len(self.bands):
+            problems.append(f"{len(self.bands)} bands need as many means and stds")
+        if any(s <= 0 for s in self.std):
+            problems.append("every std must be > 0")
+        for catalog, collection in self.collections.items():
+            missing = [b for b in self.bands if b not in collection.assets]
+            if missing:
+                problems.append(f"collection {collection.id!r} of {catalog!r} lacks asset keys for {missing}")
+        if problems:
+            raise ValueError(f"invalid modality {self.key!r}: " + "; ".join(problems))
+
+    # ---------------------------------------------------------------- names in a Dataset
     @property
     def n_bands(self) -> int:
         return len(self.bands)
+
+    def variable(self, band: str) -> str:
+        """Dataset variable of ``band`` (``s2_l1c_B04``)."""
+        return f"{self.key}_{band}"
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        """Dataset variables of all bands, in band order."""
+        return tuple(self.variable(b) for b in self.bands)
+
+    @property
+    def mask_variable(self) -> str:
+        return f"mask_{self.key}"
+
+    @property
+    def band_dim(self) -> str:
+        """Band dimension of the normalized stack (``band_s1``)."""
+        return f"band_{self.key}"
+
+    @property
+    def offset_coord(self) -> str:
+        """Per-time coordinate holding the DN offset still in the stored values."""
+        return f"{self.key}_offset"
+
+    @property
+    def gap_variable(self) -> str:
+        """For a paired modality: its acquisition time minus the date it was paired to."""
+        return f"{self.key}_time_gap"
+
+    @property
+    def quality_variable(self) -> str | None:
+        return None if self.quality is None else f"{self.key}_{self.quality.name}"
+
+    @property
+    def missing_value(self):
+        """What a date without an acquisition holds: NaN for float bands, else nodata."""
+        return np.nan if np.issubdtype(np.dtype(self.dtype), np.floating) else self.nodata
 
     def band_index(self, band: str) -> int:
         """Channel index of ``band`` (case-insensitive)."""
@@ -116,76 +292,213 @@ class ModalitySpec:
         try:
             return upper.index(band.upper())
         except ValueError:
-            raise KeyError(
-                f"band {band!r} is not a {self.key} band; expected one of {list(self.bands)}"
-            ) from None
+            raise KeyError(f"band {band!r} is not a {self.key} band; expected one of {list(self.bands)}") from None
+
+    # ---------------------------------------------------------------- the validity rule
+    def pixel_valid(self, bands: Sequence[Any], quality: Any = None, mask: Any = None):
+        """The one pixel-validity rule: every band not nodata, finite, (> 0 if ``positive``),
+        the quality layer's class usable, and ``mask`` (a caller's own validity) True.
+
+        ``bands`` is a sequence of per-band arrays (numpy or dask, same shape) or an array with
+        the bands on axis -3. Returns a bool array of one band's shape.
+
+        Examples
+        --------
+        >>> s1 = MODALITIES["s1"]
+        >>> s1.pixel_valid([np.array([0.1, 0.0, -32768.0, np.nan]), np.array([0.01, 0.02, 0.03, 0.04])]).tolist()
+        [True, False, False, False]
+        """
+        if not isinstance(bands, (list, tuple)):
+            bands = [bands[..., i, :, :] for i in range(bands.shape[-3])]
+        valid = None
+        for band in bands:
+            ok = band != self.nodata
+            if np.issubdtype(band.dtype, np.floating):
+                ok = ok & np.isfinite(band)
+            if self.positive:
+                ok = ok & (band > 0)
+            valid = ok if valid is None else valid & ok
+        if quality is not None and self.quality is not None:
+            valid = valid & self.quality.decode(quality)
+        if mask is not None:
+            valid = valid & mask.astype(bool)
+        return valid
+
+    def harmonize(self, dn, offset):
+        """Stored DN minus the baseline offset still in them (``offset``: scalar or broadcastable),
+        by the rule of :class:`BaselineOffset`; nodata stays nodata, the dtype is kept.
+
+        Examples
+        --------
+        >>> MODALITIES["s2_l2a"].harmonize(np.array([0, 500, 1000, 1001, 3000], "uint16"), 1000).tolist()
+        [0, 1, 1, 1, 2000]
+        """
+        if self.offset is None:
+            return dn
+        wide = dn.astype("int32") if np.issubdtype(dn.dtype, np.integer) else dn
+        shifted = np.maximum(wide - np.asarray(offset, dtype=wide.dtype), self.offset.floor)
+        return np.where(dn != self.nodata, shifted, self.nodata).astype(dn.dtype)
+
+    def stored_offset(self, baseline: str | None = None, acquired: Any = None) -> int:
+        """DN offset in a product's stored values (0 when the modality has no offset rule)."""
+        return self.offset.dn if self.offset is not None and self.offset.present(baseline, acquired) else 0
+
+    def normalize(self, x, channel_axis: int = -3, inplace: bool = False):
+        """:func:`normalize` for this modality."""
+        return normalize(x, self, channel_axis, inplace)
+
+    @property
+    def normalization(self) -> str:
+        """What :meth:`normalize` computes, for attrs."""
+        return NORMALIZATION_FORMULA + (", x in dB" if self.to_db else "")
 
 
-MODALITIES: dict[str, ModalitySpec] = {
-    "s2_l2a": ModalitySpec(
-        key="s2_l2a",
-        bands=S2_BANDS,
-        mean=(1033.9414, 1135.3391, 1382.2553, 1526.9789, 1883.3911, 2516.2726,
-              2782.7811, 2829.3833, 2977.2936, 3004.2905, 2832.1983, 2186.6507),
-        std=(2761.4226, 807.365, 919.6919, 1221.4198, 1265.8146, 1323.0764,
-             1428.7845, 1459.0343, 1497.9797, 1577.071, 1738.6128, 1620.8854),
-        nodata=S2_NODATA,
-        to_db=False,
-        description="Sentinel-2 L2A surface reflectance (DN = reflectance x 10000)",
-        aliases=("sentinel-2-l2a", "s2l2a", "l2a"),
-    ),
-    "s2_l1c": ModalitySpec(
-        key="s2_l1c",
-        bands=S2_BANDS,
-        mean=(2153.94, 1937.191, 1885.8236, 1906.7263, 2096.8369, 2692.8083,
-              3015.8569, 2930.3957, 3243.99, 1389.849, 2915.8289, 2186.0514),
-        std=(581.6321, 619.9756, 714.7784, 1018.3657, 1021.4312, 1116.4055,
-             1265.8559, 1234.6123, 1374.9582, 608.362, 1547.9093, 1336.0316),
-        nodata=S2_NODATA,
-        to_db=False,
-        description="Sentinel-2 L1C top-of-atmosphere reflectance (DN)",
-        aliases=("sentinel-2-l1c", "s2l1c", "l1c"),
-    ),
-    "s1": ModalitySpec(
-        key="s1",
-        bands=S1_BANDS,
-        mean=(-12.7572, -19.6423),
-        std=(5.8491, 5.8516),
-        nodata=S1_NODATA,
-        to_db=True,
-        description="Sentinel-1 RTC backscatter, linear power (VV, VH)",
-        aliases=("sentinel-1-rtc", "s1rtc", "s1_rtc", "sar"),
-    ),
-}
+@dataclass(frozen=True)
+class Layer:
+    """A label layer loaded beside the modalities (not a model input): one variable, reduced over
+    the items' dates with ``max``.
 
-MODALITY_KEYS: tuple[str, ...] = tuple(MODALITIES)
+    Examples
+    --------
+    >>> LAYERS["worldcover"].collections["planetary-computer"].id
+    'esa-worldcover'
+    """
+
+    key: str
+    dtype: str
+    nodata: int
+    description: str
+    collections: Mapping[str, Collection]
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return (self.key,)
+
+    @property
+    def variable(self) -> str:
+        return self.key
 
 
-def get_modality(key: str) -> ModalitySpec:
-    """Return the :class:`ModalitySpec` for ``key`` or one of its aliases.
+# =================================================================================================
+# the registry
+# =================================================================================================
+MODALITIES: dict[str, Modality] = {}
+"""Registered modalities by key, in registration order (the release's three first)."""
+
+LAYERS: dict[str, Layer] = {}
+"""Registered label layers by key."""
+
+
+def _names_of(entry) -> set[str]:
+    names = {entry.key, *getattr(entry, "aliases", ())}
+    return {n.lower() for n in names}
+
+
+def register_modality(modality: Modality) -> Modality:
+    """Add a modality to the registry; its key, aliases and Dataset names must be new.
+
+    Raises ``ValueError`` when a key or alias is taken or a collection id of a catalog is already
+    claimed by another modality (say which, and how to replace it: :func:`unregister_modality`).
+
+    Examples
+    --------
+    >>> toy = Modality("toy", ("b1", "b2"), (1.0, 2.0), (1.0, 1.0), "uint16", 0, "DN", "a toy sensor")
+    >>> register_modality(toy).variables
+    ('toy_b1', 'toy_b2')
+    >>> register_modality(toy)
+    Traceback (most recent call last):
+    ...
+    ValueError: modality 'toy' is registered twice (names {'toy'} already taken by 'toy'); give it another key, or unregister_modality('toy') first to replace it
+    >>> unregister_modality("toy").key
+    'toy'
+    """
+    if not isinstance(modality, Modality):
+        raise TypeError(f"register_modality takes a terrafm.sensors.Modality, got {type(modality).__name__}")
+    for other in [*MODALITIES.values(), *LAYERS.values()]:
+        clash = _names_of(modality) & _names_of(other)
+        if clash:
+            raise ValueError(
+                f"modality {modality.key!r} is registered twice (names {clash} already taken by {other.key!r}); "
+                f"give it another key, or unregister_modality({other.key!r}) first to replace it")
+    _check_collections_unclaimed(modality)
+    MODALITIES[modality.key] = modality
+    return modality
+
+
+def register_layer(layer: Layer) -> Layer:
+    """Add a label layer (see :class:`Layer`); same uniqueness rules as :func:`register_modality`."""
+    for other in [*MODALITIES.values(), *LAYERS.values()]:
+        if _names_of(layer) & _names_of(other):
+            raise ValueError(f"layer {layer.key!r} is registered twice (name taken by {other.key!r})")
+    _check_collections_unclaimed(layer)
+    LAYERS[layer.key] = layer
+    return layer
+
+
+def _check_collections_unclaimed(entry) -> None:
+    for other in [*MODALITIES.values(), *LAYERS.values()]:
+        for catalog, collection in entry.collections.items():
+            theirs = other.collections.get(catalog)
+            if theirs is not None and theirs.id == collection.id:
+                raise ValueError(f"collection {collection.id!r} of catalog {catalog!r} already carries "
+                                 f"{other.key!r}; one collection maps to one modality")
+
+
+def unregister_modality(key: str) -> Modality:
+    """Remove a modality (or layer) from the registry and return it."""
+    if key in MODALITIES:
+        return MODALITIES.pop(key)
+    if key in LAYERS:
+        return LAYERS.pop(key)
+    raise KeyError(f"no modality {key!r} is registered; registered: {list(MODALITIES)}")
+
+
+def get_modality(key: "str | Modality") -> Modality:
+    """Return the registered :class:`Modality` for ``key`` or one of its aliases.
 
     Raises
     ------
     KeyError
-        For an unknown key, listing the valid ones.
+        For an unknown key, listing the registered ones.
 
     Examples
     --------
     >>> get_modality("sentinel-1-rtc").key
     's1'
     """
-    lowered = key.lower()
+    if isinstance(key, Modality):
+        return key
+    lowered = str(key).lower()
     if lowered in MODALITIES:
         return MODALITIES[lowered]
     for spec in MODALITIES.values():
         if lowered in spec.aliases:
             return spec
-    raise KeyError(
-        f"unknown modality {key!r}; TerraFM knows {list(MODALITIES)} "
-        "(Sentinel-2 L2A, Sentinel-2 L1C, Sentinel-1 RTC)"
-    )
+    raise KeyError(f"unknown modality {key!r}; registered: {list(MODALITIES)} "
+                   "(add one with terrafm.sensors.register_modality)")
 
 
+def patch_valid(mask, patch_size: int = PATCH_SIZE):
+    """The one pixel -> patch rule: a patch is valid when at least :data:`MIN_VALID_FRACTION` of
+    its pixels are. ``mask``: bool ``(..., H, W)`` numpy array or torch tensor, H and W multiples
+    of ``patch_size``; returns bool ``(..., H / p, W / p)`` of the same kind.
+
+    Examples
+    --------
+    >>> m = np.zeros((4, 4), bool); m[:2, :] = True; m[2, 2] = True    # 2 x 2 patches
+    >>> patch_valid(m, 2).tolist()
+    [[True, True], [False, False]]
+    """
+    *lead, h, w = mask.shape
+    grid = mask.reshape(*lead, h // patch_size, patch_size, w // patch_size, patch_size)
+    if _is_torch(mask):
+        return grid.float().mean(dim=(-3, -1)) >= MIN_VALID_FRACTION
+    return grid.mean(axis=(-3, -1)) >= MIN_VALID_FRACTION
+
+
+# =================================================================================================
+# normalization
+# =================================================================================================
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
@@ -212,10 +525,6 @@ def _as_float(x: Any):
     return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
 
 
-DB_FLOOR = 1e-10
-"""Linear power below this is clipped before the dB conversion (zero power stays finite)."""
-
-
 def linear_to_db(x: Any, floor: float = DB_FLOOR):
     """Convert linear backscatter power to decibels, ``10 log10(max(x, floor))``.
 
@@ -233,7 +542,7 @@ def linear_to_db(x: Any, floor: float = DB_FLOOR):
     return (10.0 * np.log10(np.maximum(x, floor))).astype(x.dtype, copy=False)
 
 
-def _check_channels(x: Any, spec: ModalitySpec, channel_axis: int) -> None:
+def _check_channels(x: Any, spec: Modality, channel_axis: int) -> None:
     if x.ndim == 0:
         raise ValueError(f"{spec.key}: expected an array with a channel axis, got a scalar")
     n = x.shape[channel_axis]
@@ -245,16 +554,16 @@ def _check_channels(x: Any, spec: ModalitySpec, channel_axis: int) -> None:
         )
 
 
-def normalize(x: Any, modality: str, channel_axis: int = -3, inplace: bool = False):
+def normalize(x: Any, modality: "str | Modality", channel_axis: int = -3, inplace: bool = False):
     """Normalize stored values of one modality to the model's input scale.
 
     Parameters
     ----------
     x : numpy.ndarray or torch.Tensor
-        Stored values (S2 DN, S1 linear power) with bands in :data:`MODALITIES` order along
+        Stored values (S2 DN, S1 linear power) with bands in registry order along
         ``channel_axis``. Integers are promoted to float32; float dtypes are kept.
-    modality : str
-        Modality key or alias.
+    modality : str or Modality
+        Modality key, alias or object.
     channel_axis : int, default -3
         Band axis: ``-3`` fits (C, H, W) and (B, C, H, W).
     inplace : bool, default False
@@ -266,7 +575,6 @@ def normalize(x: Any, modality: str, channel_axis: int = -3, inplace: bool = Fal
 
     Examples
     --------
-    >>> import numpy as np
     >>> spec = MODALITIES["s2_l2a"]
     >>> x = np.asarray(spec.mean, dtype="float32")[:, None, None]  # the mean maps to 0.5
     >>> np.allclose(normalize(x, "s2_l2a"), 0.5)
@@ -293,7 +601,7 @@ def normalize(x: Any, modality: str, channel_axis: int = -3, inplace: bool = Fal
     return (x - low) / scale
 
 
-def denormalize(x: Any, modality: str, channel_axis: int = -3):
+def denormalize(x: Any, modality: "str | Modality", channel_axis: int = -3):
     """Inverse of :func:`normalize` (S1 comes back in dB, not linear power).
 
     Examples
@@ -338,7 +646,7 @@ def validate_bands(names: Sequence[str], modality: str) -> list[str]:
         )
     raise ValueError(
         f"{spec.key}: bands {list(names)} are in the wrong order; TerraFM expects "
-        f"{list(spec.bands)}. Reorder them, e.g. ds[{list(spec.bands)}]."
+        f"{list(spec.bands)}. Reorder them, e.g. ds[{list(spec.variables)}]."
     )
 
 
@@ -393,8 +701,7 @@ def fill_missing_bands(x: np.ndarray, present: Sequence[str], modality: str,
     for i, band in enumerate(spec.bands):
         j = index.get(band.upper())
         if j is None:
-            fill = spec.mean[i] if not spec.to_db else 10 ** (spec.mean[i] / 10)
-            out[i] = fill
+            out[i] = spec.mean[i] if not spec.to_db else 10 ** (spec.mean[i] / 10)
             filled.append(band)
         else:
             out[i] = moved[j]
@@ -402,87 +709,71 @@ def fill_missing_bands(x: np.ndarray, present: Sequence[str], modality: str,
 
 
 # =================================================================================================
-# Catalog / collection table: which STAC collection carries which modality, under which asset keys
-# (used by terrafm.stac; the band/normalization constants above are unchanged)
+# the release's modalities and layers
 # =================================================================================================
-
-@dataclass(frozen=True)
-class CollectionSpec:
-    """How one STAC collection of one catalog maps onto a TerraFM modality (or a label layer).
-
-    Attributes
-    ----------
-    collection : str
-        Collection id in the catalog.
-    modality : str
-        ``"s2_l2a"``, ``"s2_l1c"``, ``"s1"`` or ``"worldcover"``.
-    assets : dict
-        TerraFM band name -> asset key (``{"B02": "blue"}`` on Earth Search).
-    mask_asset : str or None
-        Asset key of the S2 scene classification (``SCL``), if any.
-    scale, offset : float
-        Physical value = DN * scale + offset (informational; terrafm keeps DN).
-    nodata : float
-        Stored no-data value.
-    dtype : str
-        Stored data type.
-    """
-
-    collection: str
-    modality: str
-    assets: dict
-    mask_asset: str | None
-    scale: float
-    offset: float
-    nodata: float
-    dtype: str
-
-
+_S2_COMMON_NAMES = {"B01": ("coastal",), "B02": ("blue",), "B03": ("green",), "B04": ("red",),
+                    "B05": ("rededge1",), "B06": ("rededge2",), "B07": ("rededge3",), "B08": ("nir",),
+                    "B8A": ("nir08", "nir narrow"), "B09": ("nir09",), "B11": ("swir16",), "B12": ("swir22",)}
 _PC_S2 = {b: b for b in S2_BANDS}
-_ES_S2 = {"B01": "coastal", "B02": "blue", "B03": "green", "B04": "red", "B05": "rededge1",
-          "B06": "rededge2", "B07": "rededge3", "B08": "nir", "B8A": "nir08", "B09": "nir09",
-          "B11": "swir16", "B12": "swir22"}
+_ES_S2 = {b: names[0] for b, names in _S2_COMMON_NAMES.items()}
+_S2_OFFSET = BaselineOffset(dn=1000, property="s2:processing_baseline", since="04.00",
+                            start=_dt.date(2022, 1, 25))
+_SCL = QualityMask("SCL", invalid_classes=(0, 1, 3, 8, 9, 10),
+                   description="Sentinel-2 scene classification (invalid: no data, saturated, cloud shadow, "
+                               "medium/high cloud, cirrus)")
 
-CATALOGS: dict[str, dict[str, Any]] = {
-    "planetary-computer": {
-        "url": "https://planetarycomputer.microsoft.com/api/stac/v1",
-        "sign": "planetary-computer",
-        "collections": {
-            "sentinel-2-l2a": CollectionSpec("sentinel-2-l2a", "s2_l2a", _PC_S2, "SCL", 1e-4, 0.0, S2_NODATA, "uint16"),
-            "sentinel-1-rtc": CollectionSpec("sentinel-1-rtc", "s1", {"vv": "vv", "vh": "vh"}, None, 1.0, 0.0, S1_NODATA, "float32"),
-            "esa-worldcover": CollectionSpec("esa-worldcover", "worldcover", {"worldcover": "map"}, None, 1.0, 0.0, 0, "uint8"),
-        },
-    },
-    "earth-search": {
-        "url": "https://earth-search.aws.element84.com/v1",
-        "sign": None,
-        "collections": {
-            "sentinel-2-l2a": CollectionSpec("sentinel-2-l2a", "s2_l2a", _ES_S2, "scl", 1e-4, -0.1, S2_NODATA, "uint16"),
-            "sentinel-2-l1c": CollectionSpec("sentinel-2-l1c", "s2_l1c", _ES_S2, None, 1e-4, 0.0, S2_NODATA, "uint16"),
-        },
-    },
-}
-"""Known catalogs: endpoint, signing, and per collection id its :class:`CollectionSpec`."""
+RELEASE_MODALITIES: tuple[str, ...] = ("s2_l2a", "s2_l1c", "s1")
+"""The modalities of the released TerraFM checkpoint, in its order."""
 
-SCL_INVALID_CLASSES: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
-"""SCL classes masked as invalid: no data, saturated/defective, cloud shadow, cloud medium and high
-probability, thin cirrus."""
+register_modality(Modality(
+    key="s2_l2a", bands=S2_BANDS,
+    mean=(1033.9414, 1135.3391, 1382.2553, 1526.9789, 1883.3911, 2516.2726,
+          2782.7811, 2829.3833, 2977.2936, 3004.2905, 2832.1983, 2186.6507),
+    std=(2761.4226, 807.365, 919.6919, 1221.4198, 1265.8146, 1323.0764,
+         1428.7845, 1459.0343, 1497.9797, 1577.071, 1738.6128, 1620.8854),
+    dtype="uint16", nodata=0, units="DN",
+    description="Sentinel-2 L2A surface reflectance (DN = reflectance x 10000)",
+    aliases=("sentinel-2-l2a", "s2l2a", "l2a"),
+    quality=_SCL, offset=_S2_OFFSET,
+    collections={"planetary-computer": Collection("sentinel-2-l2a", _PC_S2, "SCL", 1e-4, 0.0),
+                 "earth-search": Collection("sentinel-2-l2a", _ES_S2, "scl", 1e-4, -0.1)},
+    band_aliases=_S2_COMMON_NAMES,
+    product_hints={"s2:product_type": ("S2MSI2A",), "processing:level": ("L2A", "L2")},
+    majortom=MajorTOM(("Core-S2L2A", "S2L2A"), S2_BANDS), cloud_cover="eo:cloud_cover",
+))
+register_modality(Modality(
+    key="s2_l1c", bands=S2_BANDS,
+    mean=(2153.94, 1937.191, 1885.8236, 1906.7263, 2096.8369, 2692.8083,
+          3015.8569, 2930.3957, 3243.99, 1389.849, 2915.8289, 2186.0514),
+    std=(581.6321, 619.9756, 714.7784, 1018.3657, 1021.4312, 1116.4055,
+         1265.8559, 1234.6123, 1374.9582, 608.362, 1547.9093, 1336.0316),
+    dtype="uint16", nodata=0, units="DN",
+    description="Sentinel-2 L1C top-of-atmosphere reflectance (DN)",
+    aliases=("sentinel-2-l1c", "s2l1c", "l1c"),
+    offset=_S2_OFFSET,
+    collections={"earth-search": Collection("sentinel-2-l1c", _ES_S2, None, 1e-4, 0.0)},
+    band_aliases=_S2_COMMON_NAMES,
+    product_hints={"s2:product_type": ("S2MSI1C",), "processing:level": ("L1C", "L1")},
+    majortom=MajorTOM(("Core-S2L1C", "S2L1C"), S2_BANDS), cloud_cover="eo:cloud_cover",
+))
+register_modality(Modality(
+    key="s1", bands=S1_BANDS, mean=(-12.7572, -19.6423), std=(5.8491, 5.8516),
+    dtype="float32", nodata=-32768.0, units="linear power",
+    description="Sentinel-1 RTC backscatter, linear power (VV, VH)",
+    to_db=True, positive=True, paired=True,
+    aliases=("sentinel-1-rtc", "s1rtc", "s1_rtc", "sar"),
+    collections={"planetary-computer": Collection("sentinel-1-rtc", {"vv": "vv", "vh": "vh"})},
+    band_aliases={"vv": ("VV",), "vh": ("VH",)},
+    product_hints={"sar:product_type": ("GRD", "RTC")},
+    majortom=MajorTOM(("Core-S1RTC", "S1RTC"), S1_BANDS),
+))
+register_layer(Layer(
+    key="worldcover", dtype="uint8", nodata=0, description="ESA WorldCover classes (0 = no data)",
+    collections={"planetary-computer": Collection("esa-worldcover", {"worldcover": "map"})},
+))
 
-
-def collection_spec(catalog: str, collection: str) -> CollectionSpec:
-    """Look up ``collection`` in ``catalog``, raising a clear error naming the known ids.
-
-    Examples
-    --------
-    >>> collection_spec("earth-search", "sentinel-2-l1c").assets["B08"]
-    'nir'
-    """
-    if catalog not in CATALOGS:
-        raise KeyError(f"unknown catalog {catalog!r}; known catalogs: {list(CATALOGS)}")
-    table = CATALOGS[catalog]["collections"]
-    if collection not in table:
-        raise KeyError(
-            f"collection {collection!r} is not known for catalog {catalog!r}; use one of "
-            f"{list(table)} (Sentinel-2 L1C is on 'earth-search', Sentinel-1 RTC on 'planetary-computer')"
-        )
-    return table[collection]
+# transitional names, removed once every caller reads the registry
+MODALITY_KEYS = RELEASE_MODALITIES
+S2_NODATA, S1_NODATA = 0, -32768.0
+S2_OFFSET_START = _S2_OFFSET.start
+S2_BASELINE_OFFSET = _S2_OFFSET.dn

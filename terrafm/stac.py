@@ -1,15 +1,16 @@
 """STAC search, signing and loading onto one 10 m grid (odc-stac), with validity masks.
 
-Planetary Computer is the default catalog (items signed with planetary-computer, re-signed at read
-time so long loads survive token expiry); Earth Search and any STAC API work by URL. Which
-collection carries which modality, under which asset keys, is the table
-:data:`terrafm.sensors.CATALOGS`.
+Planetary Computer is the default catalog (assets signed at read time, re-signed when a token
+expires, so long loads survive); Earth Search and any STAC API work by name or URL. Catalogs are
+:data:`terrafm.catalogs.CATALOGS`; which collection carries which modality under which asset keys
+belongs to each modality in :mod:`terrafm.sensors`; items remember their catalog, so ``load``
+needs none.
 
 Examples
 --------
 >>> import terrafm                                                         # doctest: +SKIP
 >>> ds = terrafm.open_sentinel((11.50, 48.10, 11.56, 48.14), "2023-06-01", "2023-08-31")  # doctest: +SKIP
->>> ds.B04.dims, ds.rio.crs.to_epsg(), ds.attrs["terrafm_modalities"]  # doctest: +SKIP
+>>> ds.s2_l2a_B04.dims, ds.rio.crs.to_epsg(), ds.attrs["terrafm_modalities"]  # doctest: +SKIP
 (('time', 'y', 'x'), 32632, ['s2_l2a', 's1'])
 """
 
@@ -28,15 +29,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from . import reading, sensors
+from . import catalogs, reading, sensors
 from .reading import GDAL_HTTP_OPTIONS, TerraFMReadError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["search", "load", "open_sentinel", "save", "TerraFMReadError", "TerraFMSearchError", "GDAL_HTTP_OPTIONS", "aoi_geometry"]
-
-CHIP_SIZE = 224
-"""Side of one model chip in pixels; an AOI must be at least this large."""
 
 _API_RETRY = dict(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504))
 
@@ -109,38 +107,36 @@ def _swap_error(given, swapped, what: str, otherwise: str = "") -> ValueError:
     )
 
 
-def _utm_epsg(lon: float, lat: float) -> int:
-    zone = int((lon + 180) // 6) % 60 + 1
-    return (32600 if lat >= 0 else 32700) + zone
-
-
 # ------------------------------------------------------------------------------------------------
 # search
 # ------------------------------------------------------------------------------------------------
-def _catalog(catalog: str | None, url: str | None) -> tuple[str | None, str, str | None]:
+def _catalog(catalog: str | None, url: str | None) -> tuple[catalogs.Catalog | None, str]:
+    """The named catalog (or the known one whose endpoint ``url`` is) and the endpoint to query."""
     if catalog is not None and catalog.startswith(("http://", "https://")):
         catalog, url = None, catalog
     if catalog is None:
         if url is None:
-            raise ValueError("pass catalog='planetary-computer' / 'earth-search' or url='https://.../stac'")
-        return None, url, None
-    if catalog not in sensors.CATALOGS:
-        raise ValueError(f"unknown catalog {catalog!r}; use one of {list(sensors.CATALOGS)} or url=...")
-    entry = sensors.CATALOGS[catalog]
-    return catalog, url or entry["url"], entry["sign"]
+            raise ValueError(f"pass catalog= (one of {list(catalogs.CATALOGS)}) or url='https://.../stac'")
+        known = next((c for c in catalogs.CATALOGS.values() if c.url.rstrip("/") == url.rstrip("/")), None)
+        return known, url
+    entry = catalogs.get_catalog(catalog)
+    return entry, url or entry.url
 
 
-def _spec_for(catalog: str | None, collection: str) -> sensors.CollectionSpec:
-    if catalog is not None:
-        try:
-            return sensors.collection_spec(catalog, collection)
-        except KeyError as err:
-            raise ValueError(str(err.args[0])) from None
-    for entry in sensors.CATALOGS.values():
-        if collection in entry["collections"]:
-            return entry["collections"][collection]
-    known = sorted({c for e in sensors.CATALOGS.values() for c in e["collections"]})
-    raise ValueError(f"collection {collection!r} maps to no TerraFM modality; use one of {known}")
+def _search_terms(collection: str, catalog: catalogs.Catalog | None, base_terms: dict,
+                  max_cloud: float | None) -> dict:
+    """Query terms for one collection: the cloud limit applies to modalities that state cloud cover."""
+    terms = dict(base_terms)
+    if max_cloud is None:
+        return terms
+    modalities = {entry.key: entry for name, entry, c in catalogs._conventions(collection)
+                  if catalog is None or name == catalog.name}
+    clouds = {getattr(m, "cloud_cover", None) for m in modalities.values()} - {None}
+    if clouds:
+        terms[clouds.pop()] = {"lt": float(max_cloud)}
+    elif not modalities:
+        logger.info("collection %r is in no convention table: max_cloud not applied to it", collection)
+    return terms
 
 
 def search(
@@ -158,6 +154,10 @@ def search(
 ) -> list:
     """Search a STAC API for the items covering ``aoi`` during ``datetime``.
 
+    Every item returned records where it came from (properties ``terrafm:catalog`` when the
+    catalog is a known one, and ``terrafm:api``), so :func:`load` reads items of any catalog, and
+    of several at once, with no catalog argument.
+
     Parameters
     ----------
     aoi : bbox, shapely geometry, GeoJSON mapping or GeoDataFrame
@@ -165,13 +165,15 @@ def search(
     datetime : str or (start, end)
         STAC datetime range, e.g. ``"2023-06-01/2023-08-31"``.
     collections : sequence of str
-        Collection ids of ``catalog`` (see :data:`terrafm.sensors.CATALOGS`).
+        Collection ids (see each modality's ``collections`` in :mod:`terrafm.sensors`); ids no
+        table knows are searched too and read from their items' own metadata by :func:`load`.
     catalog : str or None
-        ``"planetary-computer"`` (items signed), ``"earth-search"``, or a URL / ``None`` with ``url``.
+        A registered catalog (``"planetary-computer"``, ``"earth-search"``: see
+        :data:`terrafm.catalogs.CATALOGS`), a URL, or ``None`` with ``url``.
     url : str, optional
-        Endpoint overriding the catalog's (e.g. a mirror or a local pgstac).
+        Endpoint: overrides the named catalog's (a mirror), or stands alone for any STAC API.
     max_cloud : float, optional
-        Keep Sentinel-2 items with ``eo:cloud_cover`` below this percentage.
+        Keep items of optical modalities with cloud cover below this percentage.
     limit : int, optional
         Maximum number of items per collection.
     timeout : float
@@ -184,32 +186,27 @@ def search(
 
     Returns
     -------
-    list of pystac.Item, sorted by time. Retries 429/5xx with back-off (pystac-client ``max_retries``).
-    An empty result raises ``ValueError``; when the AOI read as (lat, lon) would find items, the
-    error says the coordinates look swapped and gives the corrected bbox.
+    list of pystac.Item, sorted by time. An empty result raises ``ValueError``; when the AOI read
+    as (lat, lon) would find items, the error says the coordinates look swapped and gives the
+    corrected bbox.
 
     Examples
     --------
     >>> items = search((11.50, 48.10, 11.56, 48.14), "2023-06-01/2023-06-30",  # doctest: +SKIP
     ...                max_cloud=20)                                        # doctest: +SKIP
+    >>> items[0].properties["terrafm:catalog"]                                # doctest: +SKIP
+    'planetary-computer'
     """
     import pystac_client
+    from pystac_client.exceptions import APIError
     from pystac_client.stac_api_io import StacApiIO
     from urllib3.util.retry import Retry
 
-    catalog, endpoint, sign = _catalog(catalog, url)
-    specs = {c: _spec_for(catalog, c) for c in collections}
+    origin, endpoint = _catalog(catalog, url)
     geom = aoi_geometry(aoi)
     if not isinstance(datetime, str):
         datetime = "/".join(str(d) for d in datetime)
-    from pystac_client.exceptions import APIError
-
     retry = Retry(**dict(_API_RETRY, total=max_retries), allowed_methods=None, raise_on_status=False)
-    modifier = None
-    if sign == "planetary-computer":
-        import planetary_computer
-
-        modifier = planetary_computer.sign_inplace
 
     def api_failed(err: APIError) -> TerraFMSearchError:
         status = getattr(err, "status_code", None)
@@ -219,18 +216,15 @@ def search(
             "raise max_retries; otherwise check url=/catalog= and the search terms.")
 
     try:
-        client = pystac_client.Client.open(endpoint, modifier=modifier,
-                                           stac_io=StacApiIO(max_retries=retry, timeout=timeout))
+        client = pystac_client.Client.open(endpoint, stac_io=StacApiIO(max_retries=retry, timeout=timeout))
     except APIError as err:
         raise api_failed(err) from err
     base_terms = dict(query.pop("query", None) or {}, **query)
 
     def run(geometry, max_items):
         found = []
-        for collection, spec in specs.items():
-            terms = dict(base_terms)
-            if max_cloud is not None and spec.modality.startswith("s2"):
-                terms["eo:cloud_cover"] = {"lt": float(max_cloud)}
+        for collection in collections:
+            terms = _search_terms(collection, origin, base_terms, max_cloud)
             hits = list(client.search(collections=[collection], intersects=geometry.__geo_interface__,
                                       datetime=datetime, query=terms or None, max_items=max_items).items())
             logger.info("%s: %d items", collection, len(hits))
@@ -253,27 +247,14 @@ def search(
             + (f" with cloud cover < {max_cloud}%" if max_cloud is not None else "")
             + ". Widen the dates, raise max_cloud, or check the AOI is (west, south, east, north) in lon/lat."
         )
+    for item in items:
+        catalogs.stamp_origin(item, origin, endpoint)
     return sorted(items, key=lambda i: i.datetime or _dt.datetime.min.replace(tzinfo=_dt.timezone.utc))
 
 
 # ------------------------------------------------------------------------------------------------
 # load
 # ------------------------------------------------------------------------------------------------
-def _baseline(item) -> str | None:
-    return item.properties.get("s2:processing_baseline")
-
-
-def _check_assets(items, spec: sensors.CollectionSpec, keys: list[str]) -> None:
-    for item in items:
-        missing = [k for k in keys if k not in item.assets]
-        if missing:
-            raise ValueError(
-                f"item {item.id} of {spec.collection} lacks asset keys {missing} (has {sorted(item.assets)}). "
-                "Check the catalog (Earth Search uses 'blue', 'nir08'...; Planetary Computer 'B02', 'B8A'...): "
-                "pass catalog= matching where the items came from, or drop such items."
-            )
-
-
 def _check_overlap(geom, items) -> None:
     """Refuse an AOI outside every item footprint, naming a lat/lon swap when that explains it."""
     import shapely.ops
@@ -295,6 +276,7 @@ def _check_overlap(geom, items) -> None:
 
 
 def _geobox(items, aoi, resolution: float, crs: str | int):
+    from odc.geo.crs import CRS
     from odc.geo.geobox import GeoBox
     from odc.geo.geom import Geometry
 
@@ -303,26 +285,63 @@ def _geobox(items, aoi, resolution: float, crs: str | int):
         geom = aoi_geometry((bounds[:, 0].min(), bounds[:, 1].min(), bounds[:, 2].max(), bounds[:, 3].max()))
     else:
         geom = aoi_geometry(aoi)
-    west, south, east, north = geom.bounds
     if crs == "utm":
-        zones = {_utm_epsg(west, south), _utm_epsg(east, north), _utm_epsg(west, north), _utm_epsg(east, south)}
+        west, south, east, north = geom.bounds
+        zones = {CRS.utm(x, y) for x in (west, east) for y in (south, north)}
         if len(zones) > 1:
+            epsgs = sorted(z.epsg for z in zones)
             raise ValueError(
-                f"the AOI spans UTM zones {sorted(zones)}: load one zone at a time (split the AOI) or pass "
-                f"crs=<epsg> to put everything on one grid, e.g. crs={min(zones)}"
+                f"the AOI spans UTM zones {epsgs}: load one zone at a time (split the AOI) or pass "
+                f"crs=<epsg> to put everything on one grid, e.g. crs={epsgs[0]}"
             )
         crs = zones.pop()
     if aoi is not None:
         _check_overlap(geom, items)
-    g = Geometry(geom, "EPSG:4326").to_crs(crs)
-    geobox = GeoBox.from_geopolygon(g, resolution=resolution)
-    if min(geobox.shape) < CHIP_SIZE:
-        need = CHIP_SIZE * resolution
-        raise ValueError(
-            f"the AOI is {geobox.shape[1]} x {geobox.shape[0]} px at {resolution} m, smaller than one "
-            f"{CHIP_SIZE} px chip: enlarge it to at least {need:.0f} m x {need:.0f} m (buffer the geometry)"
-        )
+    geobox = GeoBox.from_geopolygon(Geometry(geom, "EPSG:4326").to_crs(crs), resolution=resolution)
+    if min(geobox.shape) < 1:
+        raise ValueError(f"the AOI {tuple(round(v, 6) for v in geom.bounds)} is smaller than one {resolution} m "
+                         "pixel: enlarge it (buffer the geometry)")
     return geobox
+
+
+def _canonical(item, resolved: catalogs.ResolvedItem):
+    """A copy of ``item`` whose assets are keyed by band name (and the quality layer's name), so
+    items of several catalogs of one modality read as one collection."""
+    out = item.clone()
+    keys = dict(resolved.assets)
+    quality = getattr(resolved.modality, "quality", None)
+    if resolved.mask is not None and quality is not None:
+        keys[quality.name] = resolved.mask
+    out.assets = {}
+    for name, key in keys.items():
+        out.add_asset(name, item.assets[key].clone())   # add_asset: the asset sees the item's proj:* fields
+    return out
+
+
+def _signing(resolved_items) -> Any:
+    """``sign(href, refresh)`` for the read driver: each href signed by its own item's signer,
+    hrefs of items that need none returned unchanged; None if no item needs signing."""
+    signers = {}
+    for item, resolved in resolved_items:
+        if resolved.sign is not None:
+            for asset in item.assets.values():
+                signers[reading.unsigned(asset.href)] = resolved.sign
+    if not signers:
+        return None
+
+    def sign(href: str, refresh: bool = False) -> str:
+        signer = signers.get(reading.unsigned(href))
+        return href if signer is None else signer(href, refresh)
+
+    return sign
+
+
+def _with_origin(item, catalog: str | None):
+    if catalog is None or item.properties.get(catalogs.ORIGIN_PROPERTY):
+        return item
+    out = item.clone()
+    catalogs.stamp_origin(out, catalogs.get_catalog(catalog), catalogs.get_catalog(catalog).url)
+    return out
 
 
 def load(
@@ -333,7 +352,7 @@ def load(
     chunks: Mapping[str, int] | None | bool = None,
     modalities: Sequence[str] | None = None,
     *,
-    catalog: str | None = "planetary-computer",
+    catalog: str | None = None,
     s2_offset: str | None = None,
     pair_window: str | _dt.timedelta | None = "3D",
     groupby: str = "solar_day",
@@ -344,44 +363,53 @@ def load(
 ) -> xr.Dataset:
     """Load STAC items onto one GeoBox as a lazy, model-ready-by-contract ``xr.Dataset``.
 
+    Each item is read by its own convention (:func:`terrafm.catalogs.resolve`): items from
+    :func:`search` remember their catalog, so items of several catalogs load in one call, each
+    signed only if its catalog needs it.
+
     Parameters
     ----------
     items : iterable of pystac.Item
-        From :func:`search` (any mix of S2 L2A / S2 L1C / S1 RTC / WorldCover collections).
+        From :func:`search` (any mix of registered modalities and layers, of any catalogs).
     aoi : optional
         Area to load (default: union of item footprints).
     resolution : float, default 10
-        Pixel size in metres; 20/60 m S2 bands are resampled (``resampling``) to it.
+        Pixel size in metres (> 0); coarser bands are resampled (``resampling``) to it.
     crs : "utm" or EPSG code
-        ``"utm"`` picks the AOI's zone and refuses AOIs spanning zones.
+        ``"utm"`` picks the AOI's zone (odc-geo) and refuses AOIs spanning zones.
     chunks : dict, optional
         Dask chunks, default ``{"time": 1, "x": 1024, "y": 1024}``. ``False`` reads eagerly into
         numpy in the calling thread, with the same result (fast path for one chip or block at a
         time: no dask graph, no intermediate odc-stac Dataset).
     modalities : sequence of str, optional
-        Subset of modalities to load (``"s2_l2a"``, ``"s2_l1c"``, ``"s1"``, ``"worldcover"``).
-    catalog : str or None
-        Catalog the items came from (asset keys, signing).
+        Subset of modalities / layers to load (``"s2_l2a"``, ``"s2_l1c"``, ``"s1"``, ``"worldcover"``).
+    catalog : str, optional
+        Origin of items that do not record one (e.g. items read from files); items from
+        :func:`search` need nothing.
     s2_offset : None, "raw" or "harmonize"
-        Baseline 04.00+ carries +1000 DN. ``None``: keep raw DN but refuse items of mixed baselines;
-        ``"raw"``: keep raw DN; ``"harmonize"``: subtract the offset (clipped at 0) so all dates match
-        pre-04.00 DN. The offset still present is kept as coordinate ``s2_offset`` (time).
+        DN offset of modalities with a baseline offset rule (Sentinel-2 baseline 04.00+: +1000).
+        ``None``: keep stored DN but refuse items of mixed baselines; ``"raw"``: keep stored DN;
+        ``"harmonize"``: valid DN become ``max(DN - 1000, 1)``, nodata stays 0 (the one rule of
+        :class:`terrafm.sensors.BaselineOffset`). The offset still present is the coordinate
+        ``<key>_offset`` (time).
     pair_window : str or timedelta or None
-        With S2 and S1: pair each S2 date with the nearest S1 date within this window (S1 on the S2
-        time axis, ``s1_time_gap`` recorded); ``None`` keeps the union of dates, where a modality's
-        missing dates hold its nodata (NaN for S1) and its mask is False.
+        Paired modalities (S1) go on the dates of the others, nearest acquisition within this
+        window (``<key>_time_gap`` recorded); ``None`` keeps the union of dates, where a modality's
+        missing dates hold its missing value (nodata; NaN for float bands) and its mask is False.
     groupby : str
         Time steps as odc-stac groups them: ``"solar_day"`` merges same-day granules, ``"time"``,
         ``"id"`` (one step per item) or the name of an item property.
     keep_scl : bool
-        Keep the S2 scene classification as variable ``SCL``.
+        Keep each modality's quality layer as ``<key>_<name>`` (``s2_l2a_SCL``).
     geobox : odc.geo.geobox.GeoBox, optional
         Exact output grid (overrides ``aoi``/``resolution``/``crs``), e.g. one chip of a tiling.
 
     Returns
     -------
-    xr.Dataset following the terrafm STAC contract (``B01``..``B12``, ``vv``, ``vh``, ``mask_<key>``,
-    optional ``worldcover`` and ``SCL``, ``spatial_ref``, attrs ``terrafm_modalities``).
+    xr.Dataset following the terrafm Dataset contract: per modality ``<key>_<band>`` (stored
+    values), ``mask_<key>`` (pixel validity by :meth:`terrafm.sensors.Modality.pixel_valid`),
+    ``<key>_offset`` / ``<key>_time_gap`` where they apply; layers (``worldcover``);
+    ``spatial_ref``; attrs ``terrafm_modalities``.
 
     Examples
     --------
@@ -391,43 +419,37 @@ def load(
     """
     import rioxarray  # noqa: F401  (registers ds.rio, part of the Dataset contract)
 
-    items = list(items)
+    items = [_with_origin(item, catalog) for item in items]
     if not items:
         raise ValueError("no items to load: widen the search dates or cloud limit")
-    catalog, _, sign = _catalog(catalog, "unused") if catalog else (None, None, None)
     if s2_offset not in (None, "raw", "harmonize"):
         raise ValueError(f"s2_offset must be None, 'raw' or 'harmonize', got {s2_offset!r}")
-    by_modality: dict[str, list] = defaultdict(list)
-    spec_of: dict[str, sensors.CollectionSpec] = {}
-    for item in items:
-        spec = _spec_for(catalog, item.collection_id)
-        by_modality[spec.modality].append(item)
-        spec_of[spec.modality] = spec
+    if geobox is None and not float(resolution) > 0:
+        raise ValueError(f"resolution={resolution!r} m must be > 0, e.g. 10 (TerraFM's pixel size)")
+    known = {*sensors.MODALITIES, *sensors.LAYERS}
+    if modalities is not None and set(modalities) - known:
+        raise ValueError(f"unknown modalities {sorted(set(modalities) - known)}; registered: {sorted(known)}")
+    resolved = [(item, catalogs.resolve(item)) for item in items]
+    grouped: dict[str, list] = defaultdict(list)
+    for item, how in resolved:
+        grouped[how.modality.key].append(_canonical(item, how))
     if modalities is not None:
-        by_modality = {m: v for m, v in by_modality.items() if m in modalities}
-        if not by_modality:
+        grouped = {k: v for k, v in grouped.items() if k in modalities}
+        if not grouped:
             raise ValueError(f"none of the items carry modalities {list(modalities)}")
     if geobox is None:
         geobox = _geobox(items, aoi, resolution, crs)
-    reader = _Reader(geobox, chunks, groupby, resampling,
-                     reading.make_driver(reading.pc_sign if sign else None, {**GDAL_HTTP_OPTIONS, **(gdal_options or {})}))
+    driver = reading.make_driver(_signing(resolved), {**GDAL_HTTP_OPTIONS, **(gdal_options or {})})
+    reader = _Reader(geobox, chunks, groupby, resampling, driver)
 
-    parts: list[_Part] = []
-    for modality in ("s2_l2a", "s2_l1c"):
-        if modality in by_modality:
-            parts.append(_s2_part(reader, modality, spec_of[modality], by_modality[modality], s2_offset, keep_scl))
-    if "s1" in by_modality:
-        parts.append(_s1_part(reader, spec_of["s1"], by_modality["s1"]))
-    variables: dict[str, Any] = {}
-    coords: dict[str, Any] = {}
-    if parts:
-        variables, coords = _on_one_time_axis(parts, pair_window)
-    if "worldcover" in by_modality:
-        spec = spec_of["worldcover"]
-        key = spec.assets["worldcover"]
-        _, _, arrays = reader.read(by_modality["worldcover"], spec, {key: ("uint8", spec.nodata)})
-        variables["worldcover"] = (("y", "x"), arrays[key].max(axis=0).astype("uint8"),
-                                   {"description": "ESA WorldCover classes (0 = no data)"})
+    parts = [_modality_part(reader, m, grouped[m.key], s2_offset, keep_scl)
+             for m in sensors.MODALITIES.values() if m.key in grouped]
+    variables, coords = _on_one_time_axis(parts, pair_window) if parts else ({}, {})
+    for layer in sensors.LAYERS.values():
+        if layer.key in grouped:
+            _, _, arrays = reader.read(grouped[layer.key], {layer.key: (layer.dtype, layer.nodata)})
+            variables[layer.variable] = (("y", "x"), arrays[layer.key].max(axis=0).astype(layer.dtype),
+                                         {"description": layer.description})
     from odc.geo.xr import xr_coords
 
     grid = xr_coords(geobox)  # y, x and the CRS coordinate, last
@@ -435,7 +457,7 @@ def load(
     coords = {**grid, **coords}
     out = xr.Dataset({name: xr.Variable(dims, data, attrs, encoding={"grid_mapping": crs_name} if "y" in dims else None)
                       for name, (dims, data, attrs) in variables.items()}, coords=coords)
-    out.attrs["terrafm_modalities"] = [m for m in sensors.MODALITY_KEYS if m in {p.modality for p in parts}]
+    out.attrs["terrafm_modalities"] = [p.modality.key for p in parts]
     out.attrs["s2_offset_handling"] = s2_offset or "raw"
     return out
 
@@ -444,7 +466,8 @@ def load(
 # load, per modality: pixels as arrays (numpy or dask) on their own time steps, then one time axis
 # ------------------------------------------------------------------------------------------------
 class _Reader:
-    """Reads one collection's assets onto the load's GeoBox: eagerly (numpy) or through odc-stac (dask)."""
+    """Reads items' assets (keyed by band name) onto the load's GeoBox: eagerly (numpy) or
+    through odc-stac (dask)."""
 
     def __init__(self, geobox, chunks, groupby: str, resampling: str, driver):
         self.geobox, self.groupby, self.resampling, self.driver = geobox, groupby, resampling, driver
@@ -452,21 +475,20 @@ class _Reader:
         self.chunks = None if self.eager else dict(chunks or {"time": 1, "x": 1024, "y": 1024})
         self.lon = geobox.extent.centroid.to_crs("EPSG:4326").points[0][0]
 
-    def read(self, items, spec: sensors.CollectionSpec, bands: dict[str, tuple[str, float]]):
-        """``(groups, times, {asset key: (time, y, x) array})``: one time step per group of items."""
-        _check_assets(items, spec, list(bands))
+    def read(self, items, bands: dict[str, tuple[str, float]]):
+        """``(groups, times, {band: (time, y, x) array})``: one time step per group of items."""
         groups = reading.group_items(items, self.groupby, self.lon)
         if self.eager:
             return (groups, reading.group_times(groups),
                     reading.read_eager(groups, bands, self.geobox, driver=self.driver, resampling=self.resampling))
         import odc.stac
 
-        cfg = {spec.collection: {"assets": {k: {"data_type": dtype, "nodata": nodata} for k, (dtype, nodata) in bands.items()}}}
+        cfg = {"*": {"assets": {k: {"data_type": dtype, "nodata": nodata} for k, (dtype, nodata) in bands.items()}}}
         ds = odc.stac.load(items, bands=list(bands), geobox=self.geobox, chunks=self.chunks, groupby=self.groupby,
                            resampling=self.resampling, driver=self.driver, stac_cfg=cfg, fail_on_error=True)
         if ds.sizes["time"] != len(groups):
-            raise RuntimeError(f"odc-stac made {ds.sizes['time']} time steps of {spec.collection} where terrafm's "
-                               f"grouping makes {len(groups)}: report this with the odc-stac version")
+            raise RuntimeError(f"odc-stac made {ds.sizes['time']} time steps where terrafm's grouping makes "
+                               f"{len(groups)}: report this with the odc-stac version")
         return groups, ds.time.values.astype("datetime64[ns]"), {k: ds[k].data for k in bands}
 
 
@@ -474,69 +496,59 @@ class _Reader:
 class _Part:
     """One modality's variables on its own time steps: name -> (array (time, y, x), attrs, fill)."""
 
-    modality: str
+    modality: sensors.Modality
     times: np.ndarray
     variables: dict[str, tuple[Any, dict, Any]]
-    s2_offset: np.ndarray | None = None
+    offset: np.ndarray | None = None
 
 
-def _lookup(table: np.ndarray, codes):
-    """``table[codes]`` for a numpy or dask array of small non-negative integer codes."""
-    if isinstance(codes, np.ndarray):
-        return table[codes]
-    return codes.map_blocks(table.__getitem__, dtype=table.dtype)
+def _item_offset(modality: sensors.Modality, item) -> int:
+    return modality.stored_offset(item.properties.get(modality.offset.property), reading.nominal_datetime(item))
 
 
-def _s2_part(reader: _Reader, modality: str, spec: sensors.CollectionSpec, items: list,
-             s2_offset: str | None, keep_scl: bool) -> _Part:
-    baselines = sorted({_baseline(i) or "00.00" for i in items})
-    if len({b >= sensors.S2_OFFSET_BASELINE for b in baselines}) > 1 and s2_offset is None:
+def _check_offsets(modality: sensors.Modality, items: list, s2_offset: str | None) -> None:
+    rule = modality.offset
+    if rule is None or s2_offset is not None:
+        return
+    offsets = {_item_offset(modality, i) for i in items}
+    if len(offsets) > 1:
+        baselines = sorted({str(i.properties.get(rule.property, "unknown")) for i in items})
         raise ValueError(
-            f"{modality} items mix processing baselines {baselines}: those from "
-            f"{sensors.S2_OFFSET_BASELINE} on carry a +{sensors.S2_BASELINE_OFFSET} DN offset. Choose "
-            "s2_offset='harmonize' (subtract it) or s2_offset='raw' (keep stored DN), or restrict the "
-            f"dates to one side of {sensors.S2_OFFSET_START}."
-        )
-    bands = {spec.assets[b]: (spec.dtype, spec.nodata) for b in sensors.S2_BANDS}
-    if spec.mask_asset:
-        bands[spec.mask_asset] = ("uint8", 0)
-    groups, times, arrays = reader.read(items, spec, bands)
-    # the offset still present in each step's DN: a step is offset when any of its granules is
-    offset = np.array([sensors.S2_BASELINE_OFFSET
-                       if max(_baseline(i) or "00.00" for i in group) >= sensors.S2_OFFSET_BASELINE else 0
-                       for group in groups], dtype="int32")
-    scl = arrays.get(spec.mask_asset) if spec.mask_asset else None
-    if scl is not None:
-        invalid = np.zeros(256, dtype=bool)
-        invalid[list(sensors.SCL_INVALID_CLASSES)] = True
-        valid = _lookup(~invalid, scl)
+            f"{modality.key} items mix processing baselines {baselines}: those from {rule.since} on carry a "
+            f"+{rule.dn} DN offset. Choose s2_offset='harmonize' (subtract it) or s2_offset='raw' (keep stored "
+            f"DN), or restrict the dates to one side of {rule.start}.")
+
+
+def _modality_part(reader: _Reader, modality: sensors.Modality, items: list, s2_offset: str | None,
+                   keep_quality: bool) -> _Part:
+    _check_offsets(modality, items, s2_offset)
+    bands = {b: (modality.dtype, modality.nodata) for b in modality.bands}
+    quality = modality.quality
+    if quality is not None and all(quality.name in i.assets for i in items):
+        bands[quality.name] = (quality.dtype, quality.nodata)
     else:
-        valid = arrays[spec.assets["B02"]] != spec.nodata
-    attrs = {"modality": modality, "units": "DN", "nodata": spec.nodata}
+        quality = None
+    groups, times, arrays = reader.read(items, bands)
+    data = [arrays[b] for b in modality.bands]
+    codes = arrays.get(quality.name) if quality is not None else None
+    valid = modality.pixel_valid(data, quality=codes)
+    offset = None
+    if modality.offset is not None:
+        # the offset in each step's DN: a step is offset when any of its granules is
+        offset = np.array([max(_item_offset(modality, i) for i in group) for group in groups], dtype="int32")
+        if s2_offset == "harmonize":
+            if offset.any():
+                data = [modality.harmonize(d, offset[:, None, None]) for d in data]
+            offset = np.zeros_like(offset)
     variables = {}
-    for band in sensors.S2_BANDS:
-        data = arrays[spec.assets[band]]
-        if s2_offset == "harmonize" and offset.any():
-            off = offset[:, None, None].astype(data.dtype)
-            data = ((data > off) * (data - off)).astype(data.dtype)  # clipped at 0, no unsigned wrap-around
-        variables[band] = (data, attrs, spec.nodata)
-    if s2_offset == "harmonize":
-        offset = np.zeros_like(offset)
-    if keep_scl and scl is not None:
-        variables["SCL"] = (scl, {"description": "Sentinel-2 scene classification", "nodata": 0}, 0)
-    variables[f"mask_{modality}"] = (valid, {"description": f"{modality} pixel valid (scene classification)"}, False)
+    for band, array in zip(modality.bands, data):
+        attrs = {"modality": modality.key, "band": band, "units": modality.units, "nodata": modality.nodata}
+        variables[modality.variable(band)] = (array, attrs, modality.missing_value)
+    if keep_quality and quality is not None:
+        variables[modality.quality_variable] = (codes, {"description": quality.description, "nodata": quality.nodata},
+                                                quality.nodata)
+    variables[modality.mask_variable] = (valid, {"description": f"{modality.key} pixel valid"}, False)
     return _Part(modality, times, variables, offset)
-
-
-def _s1_part(reader: _Reader, spec: sensors.CollectionSpec, items: list) -> _Part:
-    bands = {spec.assets[b]: (spec.dtype, spec.nodata) for b in sensors.S1_BANDS}
-    _, times, arrays = reader.read(items, spec, bands)
-    vv, vh = arrays[spec.assets["vv"]], arrays[spec.assets["vh"]]
-    valid = (vv != spec.nodata) & (vh != spec.nodata) & np.isfinite(vv) & np.isfinite(vh)
-    attrs = {"modality": "s1", "units": "linear power", "nodata": spec.nodata}
-    variables = {"vv": (vv, attrs, np.nan), "vh": (vh, attrs, np.nan),
-                 "mask_s1": (valid, {"description": "s1 pixel valid (not nodata)"}, False)}
-    return _Part("s1", times, variables)
 
 
 def _exact_index(axis: np.ndarray, times: np.ndarray) -> np.ndarray:
@@ -548,38 +560,30 @@ def _exact_index(axis: np.ndarray, times: np.ndarray) -> np.ndarray:
 
 
 def _on_one_time_axis(parts: list[_Part], pair_window) -> tuple[dict, dict]:
-    """All parts on one time axis: S1 paired to the S2 dates, or else the union of every date.
+    """All parts on one time axis: paired modalities (S1) on the dates of the others, or else the
+    union of every date.
 
-    Dates a part lacks hold its fill (nodata, NaN for S1, mask False), so dtypes never change.
+    Dates a part lacks hold its fill (nodata, NaN for float bands, mask False), so dtypes never change.
     """
     from . import prepare
 
-    s2 = [p for p in parts if p.modality in ("s2_l2a", "s2_l1c")]
-    s1 = next((p for p in parts if p.modality == "s1"), None)
-    pairing = bool(s2) and s1 is not None and pair_window is not None
-    axis = np.unique(np.concatenate([p.times for p in (s2 if pairing else parts)]))
+    primary = [p for p in parts if not p.modality.paired]
+    pairing = bool(primary) and len(primary) < len(parts) and pair_window is not None
+    axis = np.unique(np.concatenate([p.times for p in (primary if pairing else parts)]))
     variables: dict[str, tuple] = {}
     coords: dict[str, Any] = {"time": axis}
-    offset = np.zeros(len(axis), dtype="int32")
-    has_offset = np.zeros(len(axis), dtype=bool)
-    gap_variable = None
     for part in parts:
-        if pairing and part is s1:
+        if pairing and part.modality.paired:
             index, gaps = prepare.nearest_index(axis, part.times, pair_window)
-            gap_variable = (("time",), gaps, prepare.time_gap_attrs(pair_window))
-            logger.info("paired %d of %d S2 dates with S1 within %s", int((index >= 0).sum()), len(axis), pair_window)
+            variables[part.modality.gap_variable] = (("time",), gaps, prepare.time_gap_attrs(pair_window, part.modality))
+            logger.info("paired %d of %d dates with %s within %s", int((index >= 0).sum()), len(axis),
+                        part.modality.key, pair_window)
         else:
             index = _exact_index(axis, part.times)
         for name, (data, attrs, fill) in part.variables.items():
             variables[name] = (("time", "y", "x"), prepare.take_time_steps(data, index, fill), attrs)
-        if part.s2_offset is not None:  # a date of both S2 levels keeps the first level's offset
-            first = (index >= 0) & ~has_offset
-            offset[first] = part.s2_offset[index[first]]
-            has_offset |= first
-    if gap_variable is not None:
-        variables["s1_time_gap"] = gap_variable
-    if s2:
-        coords["s2_offset"] = ("time", offset)
+        if part.offset is not None:
+            coords[part.modality.offset_coord] = ("time", np.where(index >= 0, part.offset[np.maximum(index, 0)], 0))
     return variables, coords
 
 
@@ -604,7 +608,7 @@ def open_sentinel(
     >>> ds = terrafm.prepare.normalize(ds)  # doctest: +SKIP
     """
     items = search(aoi, f"{start}/{end}", collections, catalog, url=url, max_cloud=max_cloud)
-    return load(items, aoi, catalog=catalog if catalog and not str(catalog).startswith("http") else None, **load_kwargs)
+    return load(items, aoi, **load_kwargs)
 
 
 def save(ds: xr.Dataset, path: str | os.PathLike, **to_zarr_kwargs: Any) -> Path:
