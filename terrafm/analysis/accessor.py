@@ -1,12 +1,15 @@
-"""Analysis methods on embedding DataArrays: the ``EmbeddingAnalysisMixin`` and an ``.emb`` accessor.
+"""The ``da.emb`` accessor: the analysis methods of ``da.terrafm`` under a short name.
 
-The mixin only imports :mod:`terrafm.analysis` when a method is called, so it can be mixed into
-the ``da.terrafm`` accessor without slowing ``import terrafm``. Importing this module registers
-``da.emb`` as well.
+Importing this module registers ``da.emb`` (``import terrafm`` alone registers only
+``ds.terrafm`` / ``da.terrafm``). The methods are those of
+:class:`terrafm.accessor.EmbeddingAnalysisMixin`, which lives in :mod:`terrafm.accessor` so that
+registering ``da.terrafm`` does not import this package.
 
 Examples
 --------
->>> import terrafm.analysis.accessor  # doctest: +SKIP
+>>> import terrafm.analysis.accessor, xarray as xr
+>>> hasattr(xr.DataArray, "emb")
+True
 >>> emb.emb.rgb(); emb.emb.similar((13.4, 52.5)); emb.emb.cluster(8)  # doctest: +SKIP
 """
 
@@ -14,47 +17,9 @@ from __future__ import annotations
 
 import xarray as xr
 
+from ..accessor import EmbeddingAnalysisMixin
 
-class EmbeddingAnalysisMixin:
-    """Thin wrappers over :mod:`terrafm.analysis`; needs ``self._obj`` (the embedding DataArray)."""
-
-    _obj: xr.DataArray
-
-    def rgb(self, **kwargs):
-        """:func:`terrafm.analysis.to_rgb` of this embedding."""
-        from .rgb import to_rgb
-
-        return to_rgb(self._obj, **kwargs)
-
-    def similar(self, query, **kwargs):
-        """:func:`terrafm.analysis.similarity` of every position to ``query``."""
-        from .similarity import similarity
-
-        return similarity(self._obj, query, **kwargs)
-
-    def change(self, other=None, **kwargs):
-        """:func:`terrafm.analysis.change` against ``other`` (or between consecutive dates)."""
-        from .change import change
-
-        return change(self._obj, other, **kwargs)
-
-    def cluster(self, k: int = 8, **kwargs):
-        """:func:`terrafm.analysis.cluster` into ``k`` clusters."""
-        from .cluster import cluster
-
-        return cluster(self._obj, k, **kwargs)
-
-    def fit_classifier(self, labels, **kwargs):
-        """:func:`terrafm.analysis.fit_classifier` from points/polygons or a label raster."""
-        from .classify import fit_classifier
-
-        return fit_classifier(self._obj, labels, **kwargs)
-
-    def to_geoparquet(self, path=None, **kwargs):
-        """:func:`terrafm.analysis.to_geoparquet` of the valid vectors."""
-        from .export import to_geoparquet
-
-        return to_geoparquet(self._obj, path, **kwargs)
+__all__ = ["EmbeddingAnalysisAccessor", "EmbeddingAnalysisMixin"]
 
 
 @xr.register_dataarray_accessor("emb")
