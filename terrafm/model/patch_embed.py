@@ -34,7 +34,7 @@ class Projection(nn.Module):
 
 
 class _FoldedStem:
-    """Inference-time products of the stem's consecutive linear maps, computed in float64.
+    """Inference-only products of the stem's consecutive linear maps, computed in float64.
 
     ``conv -> +embed -> proj1`` is one linear map of the pixels, and so are ``conv -> +embed ->
     fusion logits`` (:meth:`CrossAttentionFusion.token_queries`) and ``proj2 -> proj3``; folding
@@ -89,9 +89,10 @@ class ModalityPatchEmbed(nn.Module):
     """Patchify each present modality with its own stem and fuse them into one token per patch.
 
     Parameter names follow the released checkpoint: ``conv2d_<key>``, ``<key>_embed`` and
-    ``projection.*``; the fusion (absent from the release) lives under ``fusion.*``. Without
-    gradients (inference) the linear chain runs folded (see :class:`_FoldedStem`); with
-    gradients it runs layer by layer.
+    ``projection.*``; the fusion (absent from the release) lives under ``fusion.*``. The linear
+    chain runs layer by layer (trainable), or folded (see :class:`_FoldedStem`) once ``folded``
+    is set (``TerraFM.fold_for_inference``): faster, but the folded maps are constants, so no
+    gradient reaches the stem's parameters.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -107,6 +108,7 @@ class ModalityPatchEmbed(nn.Module):
         for key in self.modalities:
             nn.init.trunc_normal_(getattr(self, f"{key}_embed"), std=0.02)
         self._folded = _FoldedStem()
+        self.folded = False
 
     def modality_tokens(self, key: str, image: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens ``Z = conv(x) + e_m`` of one modality (of its batch ``rows`` only if given),
@@ -148,7 +150,15 @@ class ModalityPatchEmbed(nn.Module):
         valid : bool Tensor (B, N) or None when every position is valid.
         """
         keys = [k for k in self.modalities if k in inputs]  # canonical order: order-invariant
-        folded = None if torch.is_grad_enabled() else self._folded.get(self)
+        folded = None
+        if self.folded:
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+                raise RuntimeError(
+                    "the folded inference stem is on (model.fold_for_inference()) while gradients are "
+                    "required: its folded weights are constants, so the stem's parameters would get no "
+                    "gradient. Call model.fold_for_inference(False) to train, or run the forward under "
+                    "torch.inference_mode() / torch.no_grad()")
+            folded = self._folded.get(self)
         first = inputs[keys[0]]
         batch = first.shape[0]
         n_patches = (first.shape[2] // self.patch_size) * (first.shape[3] // self.patch_size)

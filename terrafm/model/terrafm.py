@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block
 
-from ..sensors import MIN_VALID_FRACTION
+from .. import sensors
 from .config import ModelConfig
 from .patch_embed import ModalityPatchEmbed
 
@@ -40,6 +41,15 @@ class TerraFM(nn.Module):
 
     Build it with :func:`terrafm.create_model`.
 
+    Attributes
+    ----------
+    fusion_mode : str
+        ``"trained"``: fusion parameters loaded from the checkpoint; ``"mean"``: the checkpoint
+        had none (the public release) and the fusion is the masked mean of the modality values;
+        ``"random"``: no checkpoint loaded (untrained, seeded initialisation).
+    checkpoint_sha256, checkpoint_path : str or None
+        The loaded checkpoint, for provenance.
+
     Examples
     --------
     >>> import torch
@@ -58,7 +68,7 @@ class TerraFM(nn.Module):
         self.modalities = tuple(config.modalities)
         self.checkpoint_sha256: str | None = None
         self.checkpoint_path: str | None = None
-        self.fusion_trained = False
+        self.fusion_mode = "random"
 
         self.patch_embed = ModalityPatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
@@ -87,6 +97,60 @@ class TerraFM(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ execution choices
+    def fold_for_inference(self, enabled: bool = True) -> "TerraFM":
+        """Run the stem's linear maps folded into fewer, precomputed ones (inference only).
+
+        ``conv -> +modality embedding -> proj1`` (and the fusion logits), and ``proj2 -> proj3``,
+        are each one linear map; folded in float64 they save two ``attn_dim``-square matmuls per
+        token (most of the stem's time on TerraFM-B). Outputs equal the layer-by-layer path up to
+        float32 rounding. The folded maps are rebuilt when a parameter changes, and they are
+        constants: a forward that needs gradients of the model's parameters raises instead of
+        silently giving none, so switch it off (``enabled=False``, the default state) to train.
+        :class:`terrafm.engine.Engine` turns it on. Returns the model.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from terrafm.model import create_model
+        >>> model = create_model("terrafm_tiny").eval().fold_for_inference()
+        >>> x = {"s1": torch.rand(1, 2, 32, 32)}
+        >>> with torch.no_grad():
+        ...     folded = model(x).patch
+        ...     exact = model.fold_for_inference(False)(x).patch
+        >>> bool((folded - exact).abs().max() < 1e-5)
+        True
+        """
+        self.patch_embed.folded = bool(enabled)
+        return self
+
+    @property
+    def folded_for_inference(self) -> bool:
+        """Whether :meth:`fold_for_inference` is on."""
+        return self.patch_embed.folded
+
+    @contextlib.contextmanager
+    def reuse_fusion_queries(self) -> Iterator[None]:
+        """Build the fusion's query map once for every forward inside the block.
+
+        The map depends on the fusion parameters only, so several forwards with unchanged
+        parameters (e.g. the global and local crop groups of one pretraining step) can share it;
+        its gradient accumulates from every use. Do not change parameters inside the block.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from terrafm.model import create_model
+        >>> model = create_model("terrafm_tiny")
+        >>> x = {"s1": torch.rand(1, 2, 32, 32), "s2_l2a": torch.rand(1, 12, 32, 32)}
+        >>> with model.reuse_fusion_queries():
+        ...     a, b = model(x).cls, model(x).cls
+        >>> torch.equal(a, b)
+        True
+        """
+        with self.patch_embed.fusion.reuse_token_queries():
+            yield
 
     # ------------------------------------------------------------------ positional embedding
     def interpolate_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -176,8 +240,7 @@ class TerraFM(nn.Module):
                 raise TypeError(f"mask {key!r} must be boolean (True = valid), got {mask.dtype}")
             mask = mask.to(inputs[key].device)
             if tuple(mask.shape) == (b, h, w):
-                fraction = mask.reshape(b, gh, self.patch_size, gw, self.patch_size).float().mean((2, 4))
-                mask = fraction >= MIN_VALID_FRACTION
+                mask = sensors.patch_valid(mask, self.patch_size)
             elif tuple(mask.shape) != (b, gh, gw):
                 raise ValueError(f"mask {key!r} has shape {tuple(mask.shape)}; expected per pixel "
                                  f"{(b, h, w)} or per patch {(b, gh, gw)}")
@@ -208,8 +271,9 @@ class TerraFM(nn.Module):
             Normalized images (:func:`terrafm.sensors.normalize`), keys from
             ``model.modalities``, H and W multiples of 16, same B, H, W for all.
         masks : mapping str -> bool Tensor, optional
-            Validity (True = valid) per pixel (B, H, W) or per patch (B, H/16, W/16). A patch is
-            valid for a modality when at least half of its pixels are. Invalid modality tokens
+            Validity (True = valid) per pixel (B, H, W) or per patch (B, H/16, W/16). Pixels
+            become patches by :func:`terrafm.sensors.patch_valid` (valid when at least
+            ``MIN_VALID_FRACTION`` of its pixels are). Invalid modality tokens
             take no part in the fusion; positions with no valid modality are excluded from the
             trunk's attention, zeroed, and flagged in ``valid``.
 

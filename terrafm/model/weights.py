@@ -1,4 +1,15 @@
-"""Strict loading of TerraFM checkpoints: the Hugging Face release, local files, our exports."""
+"""Strict loading of TerraFM checkpoints: the Hugging Face release, local files, our exports.
+
+Where a model's published checkpoint lives is part of its config (:class:`HubWeights` on
+:class:`ModelConfig`); this module only resolves and checks it.
+
+The fusion parameters (``patch_embed.fusion.*``) are all present (a trained fusion, e.g. from
+``pretrain.export``) or all absent (the public release). Absent, they are set so that the fusion
+is the masked mean of the valid modalities' values
+(:meth:`~terrafm.model.fusion.CrossAttentionFusion.set_masked_mean`), never a random
+draw; ``model.fusion_mode`` records which (``"trained"``, ``"mean"``; ``"random"`` for a model
+that loaded no checkpoint).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +17,6 @@ import hashlib
 import logging
 import os
 import pickle
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +24,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import ModelConfig, get_config, list_models
+
 __all__ = ["load_weights", "resolve_weights", "CheckpointError", "LoadResult",
-           "HF_REPO_ID", "HF_FILENAME", "FUSION_PREFIX"]
+           "FUSION_PREFIX", "FUSION_MODES"]
 
 logger = logging.getLogger(__name__)
 
-HF_REPO_ID = "MBZUAI/TerraFM"
-HF_FILENAME = "TerraFM-B.pth"
 FUSION_PREFIX = "patch_embed.fusion."
-WEIGHTS_ENV = "TERRAFM_WEIGHTS"
+FUSION_MODES = ("trained", "mean", "random")
+"""Values of ``TerraFM.fusion_mode``: fusion parameters from the checkpoint; the masked mean set
+for a checkpoint without them; the seeded random initialisation of a model without weights."""
 
 
 class CheckpointError(RuntimeError):
@@ -39,6 +51,11 @@ class LoadResult:
     missing_fusion: list[str] = field(default_factory=list)
 
     @property
+    def fusion_mode(self) -> str:
+        """``"trained"`` when the checkpoint held the fusion, ``"mean"`` when it had none."""
+        return "mean" if self.missing_fusion else "trained"
+
+    @property
     def fusion_trained(self) -> bool:
         return not self.missing_fusion
 
@@ -51,47 +68,64 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_weights(source: str | os.PathLike, model_name: str = "terrafm_base") -> Path:
+def _published(config: ModelConfig):
+    """The config's :class:`HubWeights`, or a CheckpointError naming the models that have some."""
+    if config.weights is not None:
+        return config.weights
+    published = [n for n in list_models() if get_config(n).weights is not None]
+    raise CheckpointError(f"no published weights for {config.name!r}: its config has no hub location "
+                          f"(ModelConfig.weights); models with published weights: {published}. "
+                          "Pass a local checkpoint path, or weights=None for an untrained model")
+
+
+def resolve_weights(source: str | os.PathLike, model: str | ModelConfig = "terrafm_base") -> Path:
     """Turn a weights source into a local file path.
 
-    ``"hf"`` means the published TerraFM-B checkpoint: the file named by the
-    ``TERRAFM_WEIGHTS`` environment variable when set, else ``MBZUAI/TerraFM/TerraFM-B.pth``
-    through huggingface_hub's cache (which honours ``HF_HUB_OFFLINE`` and ``HF_HOME``).
+    ``"hf"`` means the model's published checkpoint, located by its config's
+    :class:`~terrafm.model.HubWeights`: the file named by the config's ``local_env`` variable
+    when that is set (``TERRAFM_WEIGHTS`` for TerraFM-B), else ``repo_id``/``filename`` at
+    ``revision`` through huggingface_hub's cache (which honours ``HF_HUB_OFFLINE`` and
+    ``HF_HOME``).
+
+    Parameters
+    ----------
+    source : path or "hf"
+    model : str or ModelConfig
+        A registered model name or a config.
 
     Examples
     --------
     >>> resolve_weights("hf", "terrafm_tiny")
     Traceback (most recent call last):
     ...
-    terrafm.model.weights.CheckpointError: no published weights for 'terrafm_tiny': only terrafm_base has a released checkpoint (MBZUAI/TerraFM TerraFM-B.pth); pass a local path or weights=None
+    terrafm.model.weights.CheckpointError: no published weights for 'terrafm_tiny': its config has no hub location (ModelConfig.weights); models with published weights: ['terrafm_base']. Pass a local checkpoint path, or weights=None for an untrained model
     """
     if str(source) != "hf":
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the path of a "
-                                    f".pth state dict, or weights='hf' for the released TerraFM-B")
+                                    f".pth state dict, or weights='hf' for a model's published checkpoint")
         return path
-    if model_name != "terrafm_base":
-        raise CheckpointError(f"no published weights for {model_name!r}: only terrafm_base has a "
-                              f"released checkpoint ({HF_REPO_ID} {HF_FILENAME}); pass a local path "
-                              "or weights=None")
-    env = os.environ.get(WEIGHTS_ENV)
+    config = get_config(model) if isinstance(model, str) else model
+    hub = _published(config)
+    env = os.environ.get(hub.local_env) if hub.local_env else None
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"{WEIGHTS_ENV}={env!r} does not point to a file; fix or unset it")
+            raise FileNotFoundError(f"{hub.local_env}={env!r} does not point to a file; fix or unset it")
         return path
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(HF_REPO_ID, HF_FILENAME))
+        return Path(hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision))
     except Exception as exc:  # offline, no cache, hub unreachable
+        revision = f" --revision {hub.revision}" if hub.revision else ""
+        local = (f", or set {hub.local_env}=/path/to/{hub.filename}" if hub.local_env else "")
         raise CheckpointError(
-            f"could not get {HF_FILENAME} from the Hugging Face repo {HF_REPO_ID} ({type(exc).__name__}: "
+            f"could not get {hub.filename} from the Hugging Face repo {hub.repo_id} ({type(exc).__name__}: "
             f"{exc}). Download it once where the hub is reachable "
-            f"(huggingface-cli download {HF_REPO_ID} {HF_FILENAME}) and copy the cache "
-            f"(HF_HOME), or set {WEIGHTS_ENV}=/path/to/{HF_FILENAME}; for an untrained model use "
-            "weights=None."
+            f"(huggingface-cli download {hub.repo_id} {hub.filename}{revision}) and copy the cache "
+            f"(HF_HOME){local}; for an untrained model use weights=None."
         ) from exc
 
 
@@ -129,16 +163,20 @@ def _listing(names, limit: int = 12) -> str:
 def load_weights(model: nn.Module, source: str | os.PathLike) -> LoadResult:
     """Load a checkpoint into a TerraFM model, strictly.
 
-    Every model parameter must be in the checkpoint with the same shape, except the fusion
-    parameters (``patch_embed.fusion.*``), which the public release does not contain: then a
-    warning says that multi-sensor fusion is untrained. A ``module.`` prefix (DDP) is stripped.
-    The file's sha256 is recorded on ``model.checkpoint_sha256`` for provenance.
+    Every model parameter must be in the checkpoint with the same shape. The fusion parameters
+    (``patch_embed.fusion.*``) are the one exception, as a whole: the public release has none,
+    and then the fusion is set to the masked mean of the valid modalities' values (see
+    :meth:`~terrafm.model.fusion.CrossAttentionFusion.set_masked_mean`): a single modality gives
+    exactly the release's output, several give the mean of their projected values. A checkpoint
+    with only some of them is refused. ``model.fusion_mode`` becomes ``"trained"`` or
+    ``"mean"``. A ``module.`` prefix (DDP) is stripped. The file's sha256 is recorded on
+    ``model.checkpoint_sha256`` for provenance.
 
     Parameters
     ----------
     model : TerraFM
     source : path or "hf"
-        A ``.pth`` state dict, or ``"hf"`` for the published TerraFM-B (see
+        A ``.pth`` state dict, or ``"hf"`` for the model's published checkpoint (see
         :func:`resolve_weights`).
 
     Returns
@@ -148,8 +186,8 @@ def load_weights(model: nn.Module, source: str | os.PathLike) -> LoadResult:
     Raises
     ------
     CheckpointError
-        Corrupt/truncated file, non-tensor pickle, unexpected keys, missing keys or shape
-        mismatches (all listed).
+        Corrupt/truncated file, non-tensor pickle, unexpected keys, missing keys, part of the
+        fusion parameters, or shape mismatches (all listed).
 
     Examples
     --------
@@ -157,16 +195,23 @@ def load_weights(model: nn.Module, source: str | os.PathLike) -> LoadResult:
     >>> from terrafm.model import create_model
     >>> model = create_model("terrafm_tiny")
     >>> path = tempfile.mktemp(suffix=".pth"); torch.save(model.state_dict(), path)
-    >>> load_weights(create_model("terrafm_tiny"), path).fusion_trained
-    True
+    >>> load_weights(create_model("terrafm_tiny"), path).fusion_mode
+    'trained'
+    >>> release = {k: v for k, v in model.state_dict().items() if not k.startswith("patch_embed.fusion.")}
+    >>> torch.save(release, path)
+    >>> model = create_model("terrafm_tiny")
+    >>> load_weights(model, path).fusion_mode, model.fusion_mode
+    ('mean', 'mean')
     """
-    name = getattr(getattr(model, "config", None), "name", "terrafm_base")
-    path = resolve_weights(source, name)
+    config = getattr(model, "config", None)
+    name = getattr(config, "name", "terrafm_base")
+    path = resolve_weights(source, config if isinstance(config, ModelConfig) else name)
     state = _read_state_dict(path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     missing_fusion = [k for k in missing if k.startswith(FUSION_PREFIX)]
     missing_other = [k for k in missing if not k.startswith(FUSION_PREFIX)]
+    present_fusion = [k for k in expected if k.startswith(FUSION_PREFIX) and k in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
@@ -186,15 +231,23 @@ def load_weights(model: nn.Module, source: str | os.PathLike) -> LoadResult:
                     + (f": build the model with create_model({guess!r})." if guess else "."))
         raise CheckpointError(f"checkpoint {path} does not fit {name}: " + "; ".join(problems)
                               + "." + hint)
+    if missing_fusion and present_fusion:
+        raise CheckpointError(
+            f"checkpoint {path} holds part of the fusion: present {_listing(present_fusion)}; missing "
+            f"{_listing(missing_fusion)}. A fusion is loaded whole or not at all: export all "
+            f"{FUSION_PREFIX}* parameters (pretrain.export does), or remove every {FUSION_PREFIX}* key "
+            "to use the masked-mean fusion of the public release")
     model.load_state_dict(state, strict=False)
+    if missing_fusion:
+        model.patch_embed.fusion.set_masked_mean()
     sha = _sha256(path)
     model.checkpoint_sha256 = sha
     model.checkpoint_path = str(path)
-    model.fusion_trained = not missing_fusion
+    result = LoadResult(str(path), sha, len(state), missing_fusion)
+    model.fusion_mode = result.fusion_mode
     if missing_fusion:
-        warnings.warn(
-            f"{path.name} has no multi-sensor fusion parameters (the public TerraFM release has "
-            "none): single-modality embeddings match the release; fused S1+S2 embeddings use an "
-            "untrained fusion.", UserWarning, stacklevel=2)
-    logger.info("loaded %s (%d tensors, sha256 %s)", path, len(state), sha[:12])
-    return LoadResult(str(path), sha, len(state), missing_fusion)
+        logger.info("%s has no fusion parameters (the public TerraFM release has none): the fusion is "
+                    "the masked mean of the valid modalities' projected values (fusion_mode='mean'); "
+                    "single-modality embeddings are exactly the release's", path.name)
+    logger.info("loaded %s (%d tensors, sha256 %s, fusion %s)", path, len(state), sha[:12], result.fusion_mode)
+    return result

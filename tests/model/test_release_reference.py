@@ -1,14 +1,16 @@
-"""terrafm_base with a release-layout checkpoint == an independent float64 re-implementation."""
+"""terrafm_base with a release-layout checkpoint == an independent float64 re-implementation;
+the release's pinned modalities and its deterministic (masked-mean) fusion."""
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
 
 import pytest
 import torch
 
 from reference_terrafm import random_release_checkpoint, reference_forward, release_shapes
-from terrafm.model import create_model, load_weights
+from terrafm import sensors
+from terrafm.model import ModelConfig, create_model, get_config, load_weights
 
 STEMS = {"s2_l2a": 12, "s2_l1c": 12, "s1": 2}
 
@@ -25,9 +27,8 @@ def release_file(tmp_path_factory):
 def base_model(release_file):
     path, _ = release_file
     model = create_model("terrafm_base")
-    with pytest.warns(UserWarning, match="fusion"):
-        result = load_weights(model, path)
-    assert result.n_tensors == 164 and not result.fusion_trained
+    result = load_weights(model, path)
+    assert result.n_tensors == 164 and result.fusion_mode == model.fusion_mode == "mean"
     return model.eval()
 
 
@@ -77,14 +78,52 @@ def test_non_square_input(base_model, release_file):
     assert (out.patch.double() - patch).abs().max().item() <= 1e-4
 
 
-def test_training_mode_path_equals_inference_path(base_model):
-    """The layer-by-layer stem (with gradients) and the folded one (inference) agree."""
-    x = {"s2_l1c": torch.rand(1, 12, 64, 64, generator=torch.Generator().manual_seed(4))}
+@pytest.mark.parametrize("modalities", [("s2_l1c",), ("s2_l2a", "s1")])
+def test_folded_path_equals_the_layer_by_layer_path(base_model, modalities):
+    """fold_for_inference changes the arithmetic, not the function: the folded maps are float64
+    products rounded once to float32, the layer path rounds after every matmul (K = 2304 terms),
+    so the two differ by float32 rounding only; measured <= 2e-6 on the normalized outputs."""
+    g = torch.Generator().manual_seed(4)
+    x = {k: torch.rand(2, sensors.MODALITIES[k].n_bands, 64, 64, generator=g) for k in modalities}
+    masks = {k: torch.rand(2, 4, 4, generator=g) > 0.3 for k in modalities[1:]}
+    try:
+        with torch.inference_mode():
+            folded = base_model.fold_for_inference()(x, masks)
+            layered = base_model.fold_for_inference(False)(x, masks)
+    finally:
+        base_model.fold_for_inference(False)
+    assert torch.equal(folded.valid, layered.valid)
+    assert (folded.patch - layered.patch).abs().max().item() <= 1e-5
+    assert (folded.cls - layered.cls).abs().max().item() <= 1e-5
+
+
+def test_release_without_fusion_is_deterministic(release_file):
+    """Two models built from the same fusion-less file are the same model, bit for bit."""
+    path, _ = release_file
+    first, second = (create_model("terrafm_base", weights=path).eval() for _ in range(2))
+    assert first.fusion_mode == second.fusion_mode == "mean"
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    g = torch.Generator().manual_seed(6)
+    x = {"s2_l2a": torch.rand(2, 12, 64, 64, generator=g), "s1": torch.rand(2, 2, 64, 64, generator=g)}
+    masks = {"s1": torch.rand(2, 64, 64, generator=g) > 0.2}
     with torch.inference_mode():
-        folded = base_model(x).patch
-    with torch.enable_grad():
-        layered = base_model(x).patch.detach()
-    assert (folded - layered).abs().max().item() <= 1e-5
+        out_a, out_b = first(x, masks), second(x, masks)
+    assert torch.equal(out_a.patch, out_b.patch) and torch.equal(out_a.cls, out_b.cls)
+    del first, second
+
+
+def test_release_modalities_are_pinned_not_taken_from_the_registry(release_file, monkeypatch):
+    """A modality added to the registry changes neither terrafm_base's stems nor its strict load."""
+    path, _ = release_file
+    assert "modalities" not in {f.name for f in dataclasses.fields(ModelConfig)
+                                if f.default is not dataclasses.MISSING}
+    monkeypatch.setitem(sensors.MODALITIES, "toy4", sensors.MODALITIES["s1"])
+    for name in ("terrafm_base", "terrafm_large"):
+        assert get_config(name).modalities == ("s2_l2a", "s2_l1c", "s1")
+    model = create_model("terrafm_base", weights=path)
+    assert model.modalities == ("s2_l2a", "s2_l1c", "s1") and model.fusion_mode == "mean"
+    del model
 
 
 def test_intermediate_layers_match_reference_depths(base_model, release_file):

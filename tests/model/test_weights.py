@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from reference_terrafm import random_release_checkpoint
-from terrafm.model import CheckpointError, create_model, load_weights
+from terrafm.model import CheckpointError, HubWeights, create_model, get_config, load_weights
+
+FUSION = "patch_embed.fusion."
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +30,12 @@ def _save(tmp_path, obj, name="w.pth"):
     return path
 
 
-def test_roundtrip_with_fusion_is_silent_and_exact(tmp_path, tiny_state, recwarn):
+def test_roundtrip_with_fusion_is_exact_and_trained(tmp_path, tiny_state, recwarn):
     path = _save(tmp_path, tiny_state)
-    model = create_model("terrafm_tiny")
+    model = create_model("terrafm_tiny", seed=1)   # another initialisation than tiny_state's
+    assert model.fusion_mode == "random"
     result = load_weights(model, path)
-    assert result.fusion_trained and model.fusion_trained
+    assert result.fusion_mode == model.fusion_mode == "trained" and result.fusion_trained
     assert not [w for w in recwarn if "fusion" in str(w.message)]
     for k, v in model.state_dict().items():
         assert torch.equal(v, tiny_state[k]), k
@@ -47,11 +50,32 @@ def test_module_prefix_and_wrappers_are_accepted(tmp_path, tiny_state):
         assert torch.equal(model.cls_token, tiny_state["cls_token"])
 
 
-def test_missing_fusion_warns(tmp_path, tiny_state):
-    release = {k: v for k, v in tiny_state.items() if not k.startswith("patch_embed.fusion.")}
-    with pytest.warns(UserWarning, match="untrained fusion"):
-        result = load_weights(create_model("terrafm_tiny"), _save(tmp_path, release))
-    assert len(result.missing_fusion) == 6
+def test_missing_fusion_sets_the_masked_mean(tmp_path, tiny_state, caplog):
+    release = {k: v for k, v in tiny_state.items() if not k.startswith(FUSION)}
+    model = create_model("terrafm_tiny", seed=1)
+    with caplog.at_level("INFO", logger="terrafm.model.weights"):
+        result = load_weights(model, _save(tmp_path, release))
+    assert len(result.missing_fusion) == 6 and result.fusion_mode == model.fusion_mode == "mean"
+    assert "masked mean" in caplog.text and "untrained" not in caplog.text
+    fusion = {k: v for k, v in model.state_dict().items() if k.startswith(FUSION)}
+    assert len(fusion) == 6 and all(torch.count_nonzero(v) == 0 for v in fusion.values())
+    for k, v in release.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("kept", [["queries"], ["queries", "query_proj.weight", "query_proj.bias",
+                                                "key_proj.weight", "key_proj.bias"]])
+def test_part_of_the_fusion_is_refused_naming_present_and_missing(tmp_path, tiny_state, kept):
+    partial = {k: v for k, v in tiny_state.items()
+               if not k.startswith(FUSION) or k[len(FUSION):] in kept}
+    missing = sorted(k for k in tiny_state if k.startswith(FUSION) and k[len(FUSION):] not in kept)
+    with pytest.raises(CheckpointError) as info:
+        load_weights(create_model("terrafm_tiny"), _save(tmp_path, partial))
+    message = str(info.value)
+    present_part, missing_part = message.split("present ")[1].split("; missing ")
+    assert all(FUSION + k in present_part for k in kept)
+    assert all(k in missing_part and k not in present_part for k in missing)
+    assert "remove every patch_embed.fusion.* key" in message and "pretrain.export" in message
 
 
 def test_truncated_file_is_reported_as_corrupt(tmp_path, tiny_state):
@@ -97,8 +121,17 @@ def test_pickle_that_weights_only_refuses(tmp_path):
 
 
 def test_hf_source_for_unpublished_config():
-    with pytest.raises(CheckpointError, match="only terrafm_base has a released checkpoint"):
+    with pytest.raises(CheckpointError, match=r"no published weights for 'terrafm_large'.*"
+                                              r"published weights: \['terrafm_base'\].*weights=None"):
         create_model("terrafm_large", weights="hf")
+
+
+def test_weight_locations_come_from_the_config():
+    assert get_config("terrafm_base").weights == HubWeights("MBZUAI/TerraFM", "TerraFM-B.pth",
+                                                            revision=None, local_env="TERRAFM_WEIGHTS")
+    assert all(get_config(n).weights is None for n in ("terrafm_large", "terrafm_tiny", "terrafm_small_test"))
+    with pytest.raises(ValueError, match="HubWeights"):   # the former "repo/file" string form
+        get_config("terrafm_tiny", weights="MBZUAI/TerraFM/TerraFM-B.pth")
 
 
 def test_missing_path_names_the_fix(tmp_path):
@@ -164,3 +197,30 @@ def test_terrafm_weights_environment_variable(tmp_path, release_bytes_file):
     stdout = _run_hf({"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "TERRAFM_WEIGHTS": str(path)})
     assert stdout.startswith(f"OK {path}")
     assert float(stdout.split()[-1]) == pytest.approx(first)
+
+
+REVISION_SCRIPT = textwrap.dedent("""
+    import dataclasses, sys
+    from terrafm.model import HubWeights, get_config, resolve_weights
+    base = get_config("terrafm_base")
+    pinned = dataclasses.replace(base, name="pinned", weights=dataclasses.replace(base.weights, revision=sys.argv[1]))
+    print(resolve_weights("hf", pinned))
+    print(resolve_weights("hf", "terrafm_base"))
+""")
+
+
+def test_hf_revision_of_the_config_reaches_the_hub_download(tmp_path):
+    """Two snapshots in the cache: the config's revision picks one, no revision follows refs/main."""
+    repo = tmp_path / "hub" / "models--MBZUAI--TerraFM"
+    (repo / "refs").mkdir(parents=True)
+    main, pinned = "a" * 40, "b" * 40
+    (repo / "refs" / "main").write_text(main)
+    for revision in (main, pinned):
+        (repo / "snapshots" / revision).mkdir(parents=True)
+        (repo / "snapshots" / revision / "TerraFM-B.pth").write_bytes(revision.encode())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TERRAFM_"))}
+    env.update(HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", REVISION_SCRIPT, pinned], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(repo / "snapshots" / r / "TerraFM-B.pth") for r in (pinned, main)]
