@@ -1,13 +1,15 @@
 """terrafm: TerraFM foundation-model embeddings of Sentinel-1/2 imagery, from STAC to maps.
 
-Importing terrafm is cheap: torch, timm, umap and leafmap load only inside the functions that
-need them. Public functions are reached lazily from the top level, e.g. ``terrafm.create_model``.
+Importing terrafm is cheap (xarray, numpy and the ``ds.terrafm`` / ``da.terrafm`` accessors):
+torch, timm, rioxarray, dask.array, scikit-learn, umap and leafmap load only inside the functions
+that need them (tests/test_packaging.py holds it to 1.5x ``import xarray``). Public functions
+are reached lazily from the top level, e.g. ``terrafm.create_model``.
 
 Examples
 --------
 >>> import terrafm
->>> terrafm.sensors.MODALITY_KEYS
-('s2_l2a', 's2_l1c', 's1')
+>>> list(terrafm.sensors.MODALITIES)
+['s2_l2a', 's2_l1c', 's1']
 """
 
 from __future__ import annotations

@@ -260,19 +260,7 @@ def _package_sources() -> list[Path]:
     return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py") if "__pycache__" not in p.parts)
 
 
-# Another engineer is removing the notebook launcher's test scaffolding (issue 14 item 6) right now.
-_PENDING_SCAFFOLDING = {
-    "terrafm/viz/notebook.py": "issue 14 item 6: terrafm/viz/notebook.py still puts tests/ on sys.path, imports "
-                               "tests/support and writes proxy variables into os.environ (being moved to a "
-                               "launcher outside the package); remove this xfail when that lands",
-}
-
-
-@pytest.mark.parametrize("relpath", [
-    pytest.param(p.relative_to(ROOT).as_posix(), marks=pytest.mark.xfail(strict=True, reason=_PENDING_SCAFFOLDING[rel]))
-    if (rel := p.relative_to(ROOT).as_posix()) in _PENDING_SCAFFOLDING else rel
-    for p in _package_sources()
-])
+@pytest.mark.parametrize("relpath", [p.relative_to(ROOT).as_posix() for p in _package_sources()])
 def test_package_module_has_no_test_scaffolding(relpath):
     problems = scaffolding_problems((ROOT / relpath).read_text())
     assert problems == [], "\n".join(
@@ -292,17 +280,25 @@ failures = {}
 def record(name):
     failures[name] = traceback.format_exc(limit=3)
 imported = []
-for top in sys.argv[1:]:
-    package = importlib.import_module(top)
-    imported.append(top)
-    for info in pkgutil.walk_packages(package.__path__, top + ".", onerror=record):
-        if info.name.rsplit(".", 1)[-1] == "__main__":
-            continue
+def load(name):
+    try:
+        module = importlib.import_module(name)
+    except Exception:
+        return record(name)
+    imported.append(name)
+    for public in getattr(module, "__all__", ()):  # lazy exports resolve too
         try:
-            importlib.import_module(info.name)
-            imported.append(info.name)
+            getattr(module, public)
         except Exception:
-            record(info.name)
+            record(f"{name}.{public}")
+    return module
+for top in sys.argv[1:]:
+    package = load(top)
+    if package is None:
+        continue
+    for info in pkgutil.walk_packages(package.__path__, top + ".", onerror=record):
+        if info.name.rsplit(".", 1)[-1] != "__main__":
+            load(info.name)
 import terrafm, terrafm.demo
 print(json.dumps({
     "terrafm_file": terrafm.__file__,
