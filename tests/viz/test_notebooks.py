@@ -69,8 +69,8 @@ _teacher.load_state_dict(_state["teacher"])
 _teacher.eval()
 _gen = torch.Generator().manual_seed(0)
 _x = {"s2_l2a": torch.rand(2, 12, 48, 48, generator=_gen), "s1": torch.rand(2, 2, 48, 48, generator=_gen)}
-with torch.no_grad():
-    _ours, _ref = model(_x), _teacher.backbone(_x)
+with torch.no_grad():  # the export loaded into a fresh model, and the notebook's model (folded by embed)
+    _ours, _ref, _nb = _fresh(_x), _teacher.backbone(_x), model(_x)
 def _initial_backbone(seed):  # what train() builds before step 1 (same seed, same calls)
     torch.manual_seed(seed)
     _, _t = _pair(_m.name, dict(out_dim=_m.out_dim, hidden_dim=_m.hidden_dim, bottleneck_dim=_m.bottleneck_dim,
@@ -86,6 +86,7 @@ _report(run_dir=str(RUN_DIR), losses=[float(v) for v in losses], csv_loss=curves
         total_iters=train_cfg.total_iters, iteration=_state["iteration"],
         fusion_trained=bool(_result.fusion_trained), missing=list(_result.missing_fusion),
         cls_diff=float((_ours.cls - _ref.cls).abs().max()), patch_diff=float((_ours.patch - _ref.patch).abs().max()),
+        notebook_model_diff=float((_nb.patch - _ref.patch).abs().max() / _ref.patch.abs().max()),
         moved=_moved, seed_gap=_seed_gap, modalities=list(emb.attrs["modalities"]),
         sha=model.checkpoint_sha256, emb_sha=emb.attrs.get("checkpoint_sha256"),
         file_sha=__import__("hashlib").sha256(open(weights, "rb").read()).hexdigest(),
@@ -340,6 +341,8 @@ def test_pretraining(offline_stack):
     # the export loads strictly (trained fusion included) and is the teacher, bit for bit
     assert r["fusion_trained"] and r["missing"] == []
     assert r["cls_diff"] == 0.0 and r["patch_diff"] == 0.0
+    # the notebook's own model, folded for inference by embed: the same to float32 rounding
+    assert r["notebook_model_diff"] < 1e-5
     # the exported teacher is the run's initial teacher moved by 15 EMA steps: changed, but far
     # closer to it than another seed's initialisation is
     assert 0 < r["moved"] < 0.1 * r["seed_gap"], (r["moved"], r["seed_gap"])
