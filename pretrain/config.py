@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["PretrainConfig", "ModelSection", "DataSection", "AugmentSection", "OptimSection",
-           "RunSection", "load_config", "ConfigError", "CONFIG_DIR"]
+           "RunSection", "load_config", "ConfigError", "CONFIG_DIR", "OFFSET_HANDLINGS"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+OFFSET_HANDLINGS = ("raw", "harmonize")
+"""``data.s2_offset``: keep the stored DN, or remove the baseline offset they carry
+(:meth:`terrafm.sensors.Modality.harmonize`), as ``terrafm.stac.load(s2_offset=...)``."""
 
 
 class ConfigError(ValueError):
@@ -39,6 +43,7 @@ class DataSection:
     tile_size: int = 534
     frequent_classes: list[int] | None = None   # None: the top `n_frequent` classes of cell_stats
     n_frequent: int = 3
+    s2_offset: str = "raw"               # "raw" | "harmonize": the baseline DN offset (Modality.harmonize)
     ocean_keep: float = 0.02
     knn_root: str | None = None          # labelled held-out folder dataset for the kNN monitor
     num_workers: int = 8
@@ -70,7 +75,8 @@ class OptimSection:
     warmup_teacher_temp_epochs: int = 50
     student_temp: float = 0.1
     center_momentum: float = 0.9
-    alpha: float = 0.8
+    centering: str = "dual"              # "dual" (needs frequent land-cover classes) | "dino"
+    alpha: float = 0.8                   # weight of c in dual centering
     clip_grad: float = 3.0
     freeze_last_layer_epochs: int = 3
 
@@ -120,6 +126,8 @@ class PretrainConfig:
         from terrafm.model import list_models
         from terrafm.sensors import MODALITIES, PATCH_SIZE
 
+        from .loss import CENTERINGS
+
         a, o, d, m = self.augment, self.optim, self.data, self.model
         problems = []
         if m.name not in list_models():
@@ -142,6 +150,11 @@ class PretrainConfig:
         unknown = [k for k in d.modalities if k not in MODALITIES]
         if unknown or not d.modalities:
             problems.append(f"data.modalities={d.modalities} must be a non-empty subset of {list(MODALITIES)}")
+        elif d.kind == "majortom":
+            unmapped = [k for k in d.modalities if MODALITIES[k].majortom is None]
+            if unmapped:
+                problems.append(f"data.modalities {unmapped} have no Major-TOM layout in the modality registry "
+                                "(Modality.majortom); use data.kind=folder for them")
         if d.kind not in ("majortom", "folder"):
             problems.append(f"data.kind={d.kind!r} must be 'majortom' or 'folder'")
         if o.batch_size % world_size:
@@ -155,6 +168,23 @@ class PretrainConfig:
             problems.append(f"optim.freeze_last_layer_epochs={o.freeze_last_layer_epochs} > epochs={o.epochs}")
         if not 0 <= o.alpha <= 1:
             problems.append(f"optim.alpha={o.alpha} must lie in [0, 1]")
+        if o.centering not in CENTERINGS:
+            problems.append(f"optim.centering={o.centering!r} must be one of {list(CENTERINGS)}")
+        elif o.centering == "dual" and d.frequent_classes is not None and not d.frequent_classes:
+            problems.append("optim.centering='dual' with data.frequent_classes=[]: dual centering needs "
+                            "frequent land-cover classes; list them, set data.frequent_classes=null to take "
+                            "the data.n_frequent most common ones of data.cell_stats, or use optim.centering=dino")
+        elif o.centering == "dino" and d.frequent_classes:
+            problems.append(f"data.frequent_classes={d.frequent_classes} is set but optim.centering='dino' "
+                            "does not use them; drop the classes or use optim.centering=dual")
+        if o.centering == "dual" and d.n_frequent < 1 and d.frequent_classes is None:
+            problems.append(f"data.n_frequent={d.n_frequent} must be >= 1 for optim.centering='dual'")
+        if d.s2_offset not in OFFSET_HANDLINGS:
+            problems.append(f"data.s2_offset={d.s2_offset!r} must be one of {list(OFFSET_HANDLINGS)}")
+        elif d.s2_offset == "harmonize" and d.kind == "folder":
+            problems.append("data.s2_offset='harmonize' needs each product's processing baseline or date, which "
+                            "a GeoTIFF folder does not record; harmonize the files when writing them and keep "
+                            "data.s2_offset='raw'")
         if self.run.amp not in ("bf16", "fp16", "none"):
             problems.append(f"run.amp={self.run.amp!r} must be 'bf16', 'fp16' or 'none'")
         if m.out_dim < 2 or m.bottleneck_dim < 1 or m.hidden_dim < 1:

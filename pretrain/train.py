@@ -133,25 +133,69 @@ def collate(samples: list[dict]) -> dict:
 
 
 def build_tiles(cfg: PretrainConfig):
-    """The tile dataset named by ``cfg.data`` and the frequent land-cover classes."""
+    """The tile dataset named by ``cfg.data`` and the frequent land-cover classes
+    (:func:`centering_classes`)."""
     d = cfg.data
     if d.root is None:
         raise ConfigError("data.root is not set; pass --set data.root=/path/to/majortom (or a folder "
                           "of <sample>/<modality>.tif with data.kind=folder)")
     stats = read_cell_stats(d.cell_stats)
     if d.kind == "majortom":
-        tiles = MajorTOMCore(d.root, d.modalities, d.tile_size, cell_stats=stats)
+        tiles = MajorTOMCore(d.root, d.modalities, d.tile_size, cell_stats=stats, s2_offset=d.s2_offset)
     else:
         tiles = GeoTIFFFolder(d.root, d.modalities)
-    if d.frequent_classes is not None:
-        frequent = list(d.frequent_classes)
-    elif stats is not None and "worldcover" in stats:
-        frequent = frequent_classes(stats, d.n_frequent)
-    else:
-        frequent = []
-        logger.warning("no data.frequent_classes and no cell_stats with 'worldcover': c_h is never "
-                       "updated (dual centering reduces to alpha-scaled DINO centering)")
-    return tiles, frequent
+    return tiles, centering_classes(cfg, tiles)
+
+
+def centering_classes(cfg: PretrainConfig, tiles) -> list[int]:
+    """The land-cover classes whose samples feed the dual center c_h (``[]`` for DINO centering).
+
+    The rule: ``optim.centering: dual`` needs to know which samples are of a frequent class, so
+    it needs each sample's land cover (Major-TOM: the ``worldcover`` column of ``data.cell_stats``;
+    a folder: the ``landcover`` column of its ``labels.csv``) and the frequent classes
+    (``data.frequent_classes``, else the ``data.n_frequent`` most common ones of that land cover).
+    Without them the run stops here with a :class:`ConfigError` naming the fix, instead of
+    centering by ``alpha * c`` against a c_h that never learns; ``optim.centering: dino`` is plain
+    DINO centering (the teacher centred by c alone). Inside the loss the same rule holds until
+    the first frequent sample arrives (:class:`~pretrain.loss.DualCenteringDINOLoss`).
+    """
+    o, d = cfg.optim, cfg.data
+    if o.centering == "dino":
+        logger.info("teacher centering: dino (the teacher is centred by c alone; optim.centering=dino)")
+        return []
+    table = tiles.landcover_table()
+    if table is None:
+        if d.kind == "majortom":
+            where = ("the 'worldcover' column of data.cell_stats, "
+                     + ("which is not set" if d.cell_stats is None else f"which {d.cell_stats} lacks"))
+            fix = "--set data.cell_stats=<CSV/parquet with grid_cell, worldcover>"
+        else:
+            where = f"the 'landcover' column of {d.root}/labels.csv, which is absent"
+            fix = "a 'landcover' column in labels.csv"
+        raise ConfigError(f"optim.centering=dual needs each sample's land cover, read from {where}; "
+                          f"provide it ({fix}), or set optim.centering=dino for plain DINO centering")
+    frequent = (list(d.frequent_classes) if d.frequent_classes is not None
+                else frequent_classes(table, d.n_frequent))
+    if not frequent:
+        raise ConfigError("optim.centering=dual found no frequent land-cover class (the land-cover table is "
+                          "empty); list them in data.frequent_classes or set optim.centering=dino")
+    logger.info("teacher centering: dual, alpha %.3g, c_h fed by land-cover classes %s (plain DINO "
+                "centering until the first such sample)", o.alpha, frequent)
+    return frequent
+
+
+def centering_record(loss_fn: DualCenteringDINOLoss, frequent: Sequence[int]) -> dict:
+    """The run's teacher centering as saved in its checkpoints: configured and in effect.
+
+    Examples
+    --------
+    >>> loss = DualCenteringDINOLoss(4, 2, np.full(2, 0.04))
+    >>> centering_record(loss, [10, 30])["in_effect"]          # no frequent sample seen yet
+    'dino'
+    """
+    return {"configured": loss_fn.centering, "in_effect": "dual" if loss_fn.dual_active else "dino",
+            "alpha": loss_fn.alpha, "frequent_classes": [int(c) for c in frequent],
+            "frequent_rows_seen": int(loss_fn.frequent_rows_seen)}
 
 
 def _to_device(group, device):
@@ -324,7 +368,8 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
     # loss, optimizer, schedules
     schedules = build_schedules(o, o.epochs, cfg.iters_per_epoch, o.batch_size)
     loss_fn = DualCenteringDINOLoss(m.out_dim, 2 + a.n_local, schedules["teacher_temp"],
-                                    o.student_temp, o.center_momentum, o.alpha).to(device)
+                                    o.student_temp, o.center_momentum, o.alpha,
+                                    centering=o.centering).to(device)
     optimizer = build_optimizer(student)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.run.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
@@ -358,13 +403,21 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
     writer = MetricsWriter(output_dir, cfg.run.tensorboard) if rank == 0 else None
     knn_set = GeoTIFFFolder(cfg.data.knn_root, cfg.data.modalities) if cfg.data.knn_root else None
 
+    fallback_logged: list[int] = []
+
     def checkpoint(next_iter: int) -> None:
         torch.save(rng_state(), output_dir / f"rng_rank{rank}.pth")
+        centering = centering_record(loss_fn, frequent)
+        if centering["configured"] != centering["in_effect"] and not fallback_logged:
+            fallback_logged.append(next_iter)  # logged once per call
+            logger.warning("no sample of the frequent classes %s in %d iterations: the teacher has been "
+                           "centred by c alone (plain DINO centering) so far", frequent, next_iter)
         if rank == 0:
             save_checkpoint(output_dir / CHECKPOINT_NAME, {
                 "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "loss": loss_fn.state_dict(), "iteration": next_iter, "config": cfg.to_dict(),
+                "centering": centering,
                 "fingerprint": cfg.fingerprint(), "model_name": m.name, "world_size": world})
         if dist.is_initialized():
             dist.barrier()
