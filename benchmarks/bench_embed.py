@@ -26,12 +26,10 @@ torch.set_num_threads(2)
 import rioxarray, xarray as xr
 from terrafm.embed import embed
 from terrafm.model import create_model
-from terrafm.sensors import S2_BANDS
+from terrafm.sensors import MODALITIES
 path, model_name, chip = sys.argv[1], sys.argv[2], int(sys.argv[3])
 da = rioxarray.open_rasterio(path, chunks={"x": 512, "y": 512})
-ds = xr.Dataset({b: da.isel(band=i, drop=True) for i, b in enumerate(S2_BANDS)})
-for b in S2_BANDS:
-    ds[b].attrs = {"modality": "s2_l1c"}
+ds = xr.Dataset({v: da.isel(band=i, drop=True) for i, v in enumerate(MODALITIES["s2_l1c"].variables)})
 torch.manual_seed(0)
 model = create_model(model_name).eval()
 kw = dict(model=model, chip_size=chip, overlap=0, batch_size=8, device="cpu", progress=False)

@@ -26,7 +26,10 @@ def _save_picture(sample, rgb, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    true_colour = np.stack([sample[b].values for b in ("B04", "B03", "B02")], axis=-1).astype("float32")
+    from .sensors import MODALITIES
+
+    l1c = MODALITIES["s2_l1c"]
+    true_colour = np.stack([sample[l1c.variable(b)].values for b in ("B04", "B03", "B02")], axis=-1).astype("float32")
     lo, hi = np.percentile(true_colour, (2, 98))
     true_colour = np.clip((true_colour - lo) / (hi - lo), 0, 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), constrained_layout=True)

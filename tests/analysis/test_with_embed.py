@@ -22,7 +22,7 @@ def _two_dates(size: int = 128) -> xr.Dataset:
         field = 1200 + 700 * np.sin(xx / (9 + i)) * np.cos(yy / (13 + i))
         cube = np.stack([field, field]) + rng.normal(0, 30, (2, size, size))
         cube[1, 64:, 64:] = 4000 - 0.5 * cube[1, 64:, 64:]  # the south-east quarter changes
-        data[band] = (("time", "y", "x"), np.clip(cube, 1, None).astype("uint16"), {"modality": "s2_l2a"})
+        data[f"s2_l2a_{band}"] = (("time", "y", "x"), np.clip(cube, 1, None).astype("uint16"), {"modality": "s2_l2a"})
     return xr.Dataset(data, coords=coords)
 
 

@@ -95,8 +95,8 @@ def test_masks_and_nan_positions(tiny_model):
     s2 = np.ones((1, 160, 192), bool)
     s2[:, :80] = False                           # clouds over the top half
     ds["mask_s2_l2a"] = (("time", "y", "x"), s2)
-    ds["vv"][:, 100:] = np.nan                   # S1 nodata in the bottom part
-    ds["vh"][:, 100:] = np.nan
+    ds["s1_vv"][:, 100:] = np.nan                   # S1 nodata in the bottom part
+    ds["s1_vh"][:, 100:] = np.nan
     emb = embed(ds, model=tiny_model, chip_size=64, overlap=16, device="cpu", progress=False)
     v2, v1 = emb["valid_s2_l2a"].values[0], emb["valid_s1"].values[0]
     np.testing.assert_array_equal(v2, np.repeat((np.arange(10) >= 5)[:, None], 12, 1))
@@ -107,7 +107,7 @@ def test_masks_and_nan_positions(tiny_model):
     # S2 covers rows 5-9 and S1 rows 0-5: every position has at least one modality
     assert emb.valid.values.all()
     ds["mask_s2_l2a"][:] = False
-    ds["vv"][:] = np.nan
+    ds["s1_vv"][:] = np.nan
     emb = embed(ds, model=tiny_model, chip_size=64, overlap=16, device="cpu", progress=False)
     assert not emb.valid.values.any() and np.isnan(emb.values).all()
 
@@ -149,7 +149,7 @@ def test_zarr_roundtrip_and_refuses_another_run(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("case, match", [
     ("no_crs", "no CRS.*write_crs"),
-    ("wrong_bands", "bands .* do not match.*missing \\['B12'\\]"),
+    ("wrong_bands", "lacks \\['s2_l2a_B12'\\]"),
     ("no_modality", "no modality found"),
     ("small", "smaller than one 224 px chip"),
     ("chip16", "not a positive multiple of 16"),
@@ -161,9 +161,9 @@ def test_bad_inputs(tiny_model, case, match):
     if case == "no_crs":
         ds = make_dataset(crs=None)
     elif case == "wrong_bands":
-        ds = ds.drop_vars("B12")
+        ds = ds.drop_vars("s2_l2a_B12")
     elif case == "no_modality":
-        ds = ds.rename({b: f"band{i}" for i, b in enumerate(terrafm.sensors.S2_BANDS)})
+        ds = ds.rename({v: f"band{i}" for i, v in enumerate(terrafm.sensors.MODALITIES["s2_l2a"].variables)})
         for v in ds.data_vars:
             ds[v].attrs = {}
     elif case == "small":
@@ -178,8 +178,8 @@ def test_bad_inputs(tiny_model, case, match):
 
 def test_nan_everywhere_gives_all_invalid(tiny_model):
     ds = make_dataset(s2=False)
-    ds["vv"][:] = np.nan
-    ds["vh"][:] = np.nan
+    ds["s1_vv"][:] = np.nan
+    ds["s1_vh"][:] = np.nan
     emb = embed(ds, model=tiny_model, chip_size=64, device="cpu", progress=False)
     assert not emb.valid.values.any() and np.isnan(emb.values).all()
 

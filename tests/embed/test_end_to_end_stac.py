@@ -31,7 +31,7 @@ def _patch_fraction(mask: np.ndarray, gy: int, gx: int) -> np.ndarray:
 
 def test_area_is_larger_than_a_chip_with_both_sensors(scene_dataset):
     assert scene_dataset.sizes["x"] > 224 and scene_dataset.sizes["y"] > 224
-    assert {"mask_s2_l2a", "mask_s1", "B04", "vv"} <= set(scene_dataset.data_vars)
+    assert {"mask_s2_l2a", "mask_s1", "s2_l2a_B04", "s1_vv"} <= set(scene_dataset.data_vars)
     s2_valid = float(scene_dataset["mask_s2_l2a"].mean().compute())
     assert 0.3 < s2_valid < 0.99, "the scene should have clouds"
 

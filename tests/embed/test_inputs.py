@@ -17,13 +17,12 @@ def _reference(raw: np.ndarray, modality: str, mask: np.ndarray, offset: float =
     """Float64 re-computation from the reference's formula, pixel by pixel semantics."""
     spec = sensors.MODALITIES[modality]
     raw64 = raw.astype("float64")
-    nodata = sensors.S1_NODATA if modality == "s1" else sensors.S2_NODATA
-    valid = mask & np.all(raw64 != nodata, axis=0) & np.all(np.isfinite(raw64), axis=0)
-    if modality == "s1":
+    valid = mask & np.all(raw64 != spec.nodata, axis=0) & np.all(np.isfinite(raw64), axis=0)
+    if modality == "s1":     # linear power: positive, in dB
         valid &= np.all(raw64 > 0, axis=0)
         values = 10 * np.log10(np.maximum(raw64, 1e-10))
-    else:
-        values = np.maximum(raw64 - offset, 0)
+    else:                    # the reference's offset rule: valid DN -> max(DN - offset, 1)
+        values = np.maximum(raw64 - offset, 1)
     mean, std = np.asarray(spec.mean)[:, None, None], np.asarray(spec.std)[:, None, None]
     out = (values - (mean - 2 * std)) / (4 * std)
     return np.where(valid[None], out, prepare.FILL_VALUE), valid
@@ -34,7 +33,7 @@ def test_normalize_block_against_float64_s2_with_offset_nodata_and_mask():
     raw = rng.integers(1, 6000, size=(12, 9, 7)).astype("uint16")
     raw[3, 2, 2] = 0                    # one band at nodata: the pixel is invalid
     raw[:, 4, 4] = 0                    # all bands at nodata
-    raw[5, 6, 1] = 700                  # below the 1000 offset: clipped to 0 but still valid
+    raw[5, 6, 1] = 700                  # below the 1000 offset: DN 1 after harmonizing, still valid
     mask = np.ones((9, 7), bool)
     mask[0, :] = False                  # e.g. cloud from SCL
     x, valid = prepare.normalize_block(raw, "s2_l2a", mask, offset=1000.0)
@@ -50,7 +49,7 @@ def test_normalize_block_s1_in_db_and_its_nodata():
     raw = np.full((2, 3, 4), 0.05, "float32")
     raw[1, 0, 0] = np.nan
     raw[0, 1, 1] = 0.0                  # zero power: masked, not -inf
-    raw[0, 2, 2] = sensors.S1_NODATA
+    raw[0, 2, 2] = sensors.MODALITIES["s1"].nodata
     raw[1, 2, 3] = -0.01
     x, valid = prepare.normalize_block(raw, "s1", np.ones((3, 4), bool))
     ref, ref_valid = _reference(raw, "s1", np.ones((3, 4), bool))
@@ -63,7 +62,7 @@ def test_normalize_block_s1_in_db_and_its_nodata():
 
 def test_prepare_normalize_stays_lazy_and_equals_the_block_core():
     ds = make_dataset(height=64, width=80, times=2).chunk({"y": 32, "x": 40})
-    ds["B03"] = ds["B03"].where(ds["B03"] > 1000, 0).astype("uint16")   # some nodata pixels
+    ds["s2_l2a_B03"] = ds["s2_l2a_B03"].where(ds["s2_l2a_B03"] > 1000, 0).astype("uint16")   # some nodata pixels
     ds["mask_s2_l2a"] = (("time", "y", "x"), da.from_array(np.arange(64 * 80 * 2).reshape(2, 64, 80) % 7 > 0,
                                                            chunks=(1, 32, 40)))
     computed = []
@@ -71,7 +70,7 @@ def test_prepare_normalize_stays_lazy_and_equals_the_block_core():
         x = prepare.normalize(ds)
     assert computed == [], "normalize() must build a lazy graph, not read the data"
     assert x.s2_l2a.chunks is not None and x.s2_l2a.dims == ("time", "band_s2_l2a", "y", "x")
-    raw = np.stack([ds[b].values for b in sensors.S2_BANDS], axis=1)
+    raw = np.stack([ds[v].values for v in sensors.MODALITIES["s2_l2a"].variables], axis=1)
     for t in range(2):
         ref, ref_valid = _reference(raw[t], "s2_l2a", ds["mask_s2_l2a"].values[t])
         np.testing.assert_array_equal(x.mask_s2_l2a.values[t], ref_valid)
@@ -81,7 +80,7 @@ def test_prepare_normalize_stays_lazy_and_equals_the_block_core():
 
 def test_embed_of_stored_bands_equals_embed_of_prepare_normalize(tiny_model):
     ds = make_dataset(height=96, width=112)
-    ds["vv"][:, :20] = np.nan
+    ds["s1_vv"][:, :20] = np.nan
     kw = dict(model=tiny_model, chip_size=64, overlap=16, device="cpu", progress=False)
     from_raw = embed(ds, **kw)
     from_normalized = embed(prepare.normalize(ds), **kw)
@@ -93,8 +92,8 @@ def test_embed_of_stored_bands_equals_embed_of_prepare_normalize(tiny_model):
 
 def test_wrong_band_names_and_missing_bands_name_the_fix():
     ds = make_dataset(height=32, width=32, s1=False)
-    renamed = ds.rename(B8A="B8X")
-    with pytest.raises(ValueError, match=r"unexpected \['B8X'\], missing \['B8A'\].*fill_missing_bands"):
+    renamed = ds.rename(s2_l2a_B8A="s2_l2a_B8X")
+    with pytest.raises(ValueError, match=r"lacks \['s2_l2a_B8A'\].*fill_missing_bands"):
         prepare.normalize(renamed)
     with pytest.raises(ValueError, match="no modality found.*rename the variables"):
-        prepare.normalize(xr.Dataset({"red": ds["B04"].drop_attrs()}))
+        prepare.normalize(xr.Dataset({"red": ds["s2_l2a_B04"].drop_attrs()}))
