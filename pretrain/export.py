@@ -1,8 +1,9 @@
 """Export the teacher backbone of a pretraining checkpoint as an inference checkpoint.
 
 ``python -m pretrain.export runs/x/checkpoint.pth terrafm_pretrained.pth`` writes a flat float32
-state dict in the release layout plus ``patch_embed.fusion.*``, which
-``terrafm.model.load_weights`` loads strictly with the trained fusion.
+state dict in the release layout plus all ``patch_embed.fusion.*`` parameters, which
+``terrafm.model.load_weights`` loads strictly with the trained fusion (``fusion_mode ==
+"trained"``). The written file is checked by loading it that way before the export returns.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ __all__ = ["export_teacher", "main"]
 def export_teacher(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the teacher backbone of ``checkpoint`` to ``out``; returns ``out``.
 
+    The file is verified by a strict :func:`terrafm.model.load_weights` into the checkpoint's
+    model: a file that would not load with its trained fusion is removed and the export fails.
+
     Examples
     --------
     >>> export_teacher("runs/tiny/checkpoint.pth", "tiny.pth")  # doctest: +SKIP
@@ -42,9 +46,23 @@ def export_teacher(checkpoint: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{checkpoint}: teacher has no patch_embed.fusion parameters")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(backbone, out)
+    model_name = state.get("model_name")
+    if model_name:
+        _verify(out, model_name)
     logger.info("exported %d tensors of %s (iteration %s) to %s", len(backbone),
                 state.get("model_name"), state.get("iteration"), out)
     return out
+
+
+def _verify(path: Path, model_name: str) -> None:
+    """Load ``path`` strictly into ``model_name`` (a partial fusion is refused there too)."""
+    from terrafm.model import CheckpointError, create_model, load_weights
+
+    try:
+        load_weights(create_model(model_name), path)
+    except CheckpointError:
+        path.unlink()
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["DINOHead", "DINONetwork", "build_student_teacher", "ema_update", "teacher_forward"]
+__all__ = ["DINOHead", "DINONetwork", "build_student_teacher", "ema_update"]
 
 
 class DINOHead(nn.Module):
@@ -63,7 +63,7 @@ class DINONetwork(nn.Module):
         in one call so that DDP sees a single forward."""
         if isinstance(inputs, (list, tuple)):
             # the fusion's query map depends on the parameters only: built once for all groups
-            with self.backbone.patch_embed.fusion.reuse_token_queries():
+            with self.backbone.reuse_fusion_queries():
                 return torch.cat([self.head(self.backbone(i, m).cls) for i, m in inputs])
         return self.head(self.backbone(inputs, masks).cls)
 
@@ -72,7 +72,11 @@ def build_student_teacher(model_name: str, head_kwargs: dict, drop_path_rate: fl
                           **model_overrides) -> tuple[DINONetwork, DINONetwork]:
     """Student (with drop path) and teacher (same architecture, no drop path, no gradients).
 
-    The teacher starts as an exact copy of the student.
+    The teacher starts as an exact copy of the student. Both backbones initialise from the
+    global torch RNG (``create_model(seed=None)``), so the run's seed decides the start. Both
+    run the exact layer-by-layer stem (``fold_for_inference`` stays off): the teacher's weights
+    change at every EMA step, so a folded stem would be refolded at every step. Run the teacher
+    under ``torch.no_grad()``.
 
     Examples
     --------
@@ -82,8 +86,8 @@ def build_student_teacher(model_name: str, head_kwargs: dict, drop_path_rate: fl
     """
     from terrafm.model import create_model
 
-    student_backbone = create_model(model_name, drop_path_rate=drop_path_rate, **model_overrides)
-    teacher_backbone = create_model(model_name, drop_path_rate=0.0, **model_overrides)
+    student_backbone = create_model(model_name, seed=None, drop_path_rate=drop_path_rate, **model_overrides)
+    teacher_backbone = create_model(model_name, seed=None, drop_path_rate=0.0, **model_overrides)
     student = DINONetwork(student_backbone, DINOHead(student_backbone.embed_dim, **head_kwargs))
     teacher = DINONetwork(teacher_backbone, copy.deepcopy(student.head))
     teacher.load_state_dict(student.state_dict())
@@ -109,27 +113,3 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     targets = list(teacher.parameters())
     sources = [s.detach().to(t.dtype) for t, s in zip(targets, student.parameters())]
     torch._foreach_lerp_(targets, sources, 1.0 - momentum)  # one pass: t + (1 - m) (s - t)
-
-
-def teacher_forward(teacher: nn.Module, groups) -> torch.Tensor:
-    """Teacher head outputs for a list of ``(inputs, masks)`` groups, recording no gradient.
-
-    Grad mode stays on, and nothing is recorded because neither the teacher's parameters nor
-    the inputs require grad: under ``torch.no_grad`` the TerraFM backbone switches to its
-    inference path, which folds the stem's linear maps in float64 and caches them until a
-    weight changes, and the EMA changes the teacher's weights every step, so that fold would be
-    recomputed at every step (most of the teacher's time for TerraFM-B on CPU).
-
-    Examples
-    --------
-    >>> s, t = build_student_teacher("terrafm_tiny", dict(out_dim=32, hidden_dim=16, bottleneck_dim=8))
-    >>> out = teacher_forward(t.eval(), [({"s1": torch.rand(2, 2, 32, 32)}, {})])
-    >>> out.shape, out.requires_grad
-    (torch.Size([2, 32]), False)
-    """
-    with torch.enable_grad():
-        out = teacher(groups)
-    if out.requires_grad:
-        raise RuntimeError("teacher parameters require grad; build the pair with build_student_teacher "
-                           "(which freezes the teacher) or set requires_grad=False on them")
-    return out
