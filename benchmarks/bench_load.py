@@ -16,7 +16,8 @@ Two scenarios: ``chips`` (one load call per 224 px chip: the per-call set-up cou
 chips). The first round warms GDAL's caches and checks that terrafm's pixels equal the
 baseline's; the next rounds are timed, each method once per round in rotating order. Prints per-method median
 chips/s and MB/s (band pixels delivered: 12 x uint16 + 2 x float32 per pixel), ratios of the medians
-(target >= 0.8), the median of per-round ratios, the machine load and peak RSS. Run:
+(target >= 0.85), the median of per-round ratios, the machine load and peak RSS. Band variables are found
+by asset key (``B04`` or ``<modality>_B04``), so the benchmark does not depend on the Dataset's naming. Run:
 ``python benchmarks/bench_load.py [n_chips] [rounds]``.
 """
 
@@ -44,7 +45,6 @@ def main(n_chips: int = 16, rounds: int = 7) -> None:
     from support.scene import get_scene
     from support.storage_server import StorageServer
 
-    from terrafm import sensors
     from terrafm.stac import GDAL_HTTP_OPTIONS, load
 
     scene = get_scene()
@@ -70,17 +70,27 @@ def main(n_chips: int = 16, rounds: int = 7) -> None:
         # an AOI is loaded before it is cut into chips
         scenarios = {"chips": (random_boxes(n_chips, 224), 1),
                      "blocks": (random_boxes(max(1, n_chips // 16), 896), 16)}
-        names = list(sensors.S2_BANDS) + ["vv", "vh"]
+        s2_keys = [k for k in s2[0].assets if k != "SCL"]          # B01..B12, B8A: 12 bands
+        s1_keys = [k for k in s1[0].assets if k in ("vv", "vh")]
+        names = s2_keys + s1_keys
+        assert len(s2_keys) == 12 and len(s1_keys) == 2, names
         nbytes = 224 * 224 * (12 * 2 + 2 * 4)
-        band_hrefs = [s2[0].assets[b].href for b in sensors.S2_BANDS] + [s1[0].assets[p].href for p in ("vv", "vh")]
+        band_hrefs = [s2[0].assets[b].href for b in s2_keys] + [s1[0].assets[p].href for p in s1_keys]
         scl_href = s2[0].assets["SCL"].href
+
+        def variable(ds, key):
+            """The Dataset variable holding asset ``key``: ``key`` itself or ``<modality>_<key>``."""
+            found = [v for v in ds.data_vars if v == key or str(v).endswith("_" + key)]
+            if len(found) != 1:
+                raise KeyError(f"no single variable for asset {key!r} among {list(ds.data_vars)}")
+            return ds[found[0]]
 
         def terrafm_reader(boxes):
             def run():
                 out = []
                 for gb in boxes:
-                    ds = load(s2 + s1, geobox=gb, catalog=None, pair_window="3D", chunks=False)
-                    out.append({n: ds[n].values[0] for n in names})
+                    ds = load(s2 + s1, geobox=gb, pair_window="3D", chunks=False)
+                    out.append({n: variable(ds, n).values[0] for n in names})
                 return out
             return run
 
@@ -141,7 +151,7 @@ def main(n_chips: int = 16, rounds: int = 7) -> None:
             for ref in ("rio+scl", "rio"):
                 per_round = [b / a for a, b in zip(times["terrafm"], times[ref])]
                 print(f"  ratio terrafm/{ref:7s} throughput: {med[ref] / med['terrafm']:.2f} "
-                      f"(median of per-round ratios {statistics.median(per_round):.2f}; target >= 0.8)")
+                      f"(median of per-round ratios {statistics.median(per_round):.2f}; target >= 0.85)")
         print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores")
         print(f"peak RSS: {peak:.0f} MB")
     finally:
