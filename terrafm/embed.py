@@ -45,6 +45,14 @@ def _geobox(ds: xr.Dataset):
     if "y" not in ds.dims or "x" not in ds.dims:
         raise ValueError(f"the Dataset needs spatial dims 'y' and 'x', it has {tuple(ds.dims)}; "
                          "load it with terrafm.stac.load or rename the dims (ds.rename(lat='y', lon='x'))")
+    for dim in ("y", "x"):
+        step = np.diff(np.asarray(ds[dim].values, dtype="float64"))
+        if len(step) and (step[0] == 0 or np.abs(step - step[0]).max() > 1e-6 * abs(step[0])):
+            raise ValueError(
+                f"the Dataset's {dim!r} coordinate is not a regular grid (steps from {step.min():g} to {step.max():g}), "
+                "e.g. Sentinel-2 L2A and L1C (or S1) of different grids merged with xr.merge. Load them together "
+                "with terrafm.stac.load(items) (one GeoBox), or reproject one onto the other first "
+                "(b = b.odc.reproject(a.odc.geobox)).")
     gbox = ds.odc.geobox
     if gbox is None or gbox.crs is None:
         raise ValueError("the Dataset has no CRS: it needs a 'spatial_ref' coordinate. Fix: "
