@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from terrafm.sensors import get_modality
+
 __all__ = ["sample_crop_box", "MultiCropAugmentation", "select_modalities", "View"]
 
 
@@ -97,9 +99,10 @@ class MultiCropAugmentation:
     """2 global crops and ``n_local`` local crops of a tile, identical across modalities.
 
     Geometry (crop box, flips, 90° rotation) is drawn once per view and applied to every
-    modality and its mask. Radiometric jitter works in normalized space: for optical bands a
-    random gain/offset around the mean (0.5) ("colour jitter" on all bands together), for SAR
-    an additive dB shift (a calibration gain); Gaussian blur on all modalities (p = 1.0 / 0.1
+    modality and its mask. Radiometric jitter works in normalized space: for reflectance a
+    random gain/offset around the mean (0.5) ("colour jitter" on all bands together), for a
+    modality normalized in dB (``Modality.to_db`` in the registry: SAR) an additive dB shift (a
+    calibration gain), ``s`` dB being ``s / (4 sigma_b)`` in band b; Gaussian blur on all modalities (p = 1.0 / 0.1
     on the two globals, 0.5 on locals, as DINO). Solarization/grayscale are not meaningful for
     multispectral reflectance or backscatter and are left out.
 
@@ -161,8 +164,9 @@ class MultiCropAugmentation:
             mask = (torch.ones(size, size, dtype=torch.bool) if mask is None else
                     _resize(mask[None, top:top + h, left:left + w], size, "nearest")[0] > 0.5)
             if jitter:
-                if key == "s1":  # normalized dB: a shift of s dB is s / (4 sigma_dB)
-                    crop = crop + sar_shift / (4 * 5.85)
+                spec = get_modality(key)
+                if spec.to_db:
+                    crop = crop + torch.tensor([sar_shift / (4 * s) for s in spec.std]).view(-1, 1, 1)
                 else:
                     crop = (crop - 0.5) * gain + 0.5 + offset
             if blur:
