@@ -19,6 +19,12 @@ OFFSET_HANDLINGS = ("raw", "harmonize")
 (:meth:`terrafm.sensors.Modality.harmonize`), as ``terrafm.stac.load(s2_offset=...)``."""
 
 
+def _release_modalities() -> tuple[str, ...]:
+    from terrafm.sensors import RELEASE_MODALITIES
+
+    return RELEASE_MODALITIES
+
+
 class ConfigError(ValueError):
     """A pretraining config that cannot work as written."""
 
@@ -38,7 +44,7 @@ class ModelSection:
 class DataSection:
     kind: str = "majortom"               # "majortom" | "folder"
     root: str | None = None              # Major-TOM: dir with <modality>/ subdirs; folder: sample dirs
-    modalities: list[str] = field(default_factory=lambda: ["s2_l2a", "s2_l1c", "s1"])
+    modalities: list[str] = field(default_factory=lambda: list(_release_modalities()))
     cell_stats: str | None = None        # CSV/parquet: grid_cell, worldcover, climate, region, ocean_fraction
     tile_size: int = 534
     frequent_classes: list[int] | None = None   # None: the top `n_frequent` classes of cell_stats
