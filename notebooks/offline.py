@@ -37,6 +37,7 @@ import datetime as dt
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,7 +109,8 @@ class OfflineStack:
         except BaseException:
             self.stop()
             raise
-        logger.info("local STAC API %s, blob server %s", self.catalog_url, self.storage.url)
+        logger.info("local STAC API %s, blob server %s, work directory %s", self.catalog_url, self.storage.url,
+                    self.workdir)
         return self
 
     def stop(self) -> None:
@@ -270,6 +272,7 @@ def execute(nb, stack: OfflineStack, cwd: str | os.PathLike | None = None, timeo
 
 
 def _run_child(cmd: list[str], stack: OfflineStack, cwd: Path) -> int:
+    """Run ``cmd`` with the stack's environment until it exits or this process is interrupted; then stop it."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=stack.environment())
     try:
         return proc.wait()
@@ -297,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--dir", default=None, help="keep the copies here (default: a temporary folder, removed on exit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # `kill PID` as well as Ctrl-C unwinds through the `with` below, which stops the servers
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     with OfflineStack() as stack:
         if args.command == "run":

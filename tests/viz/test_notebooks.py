@@ -280,6 +280,44 @@ def test_launcher_environment_is_for_the_child_only(offline_stack):
     assert offline_stack.catalog_url.startswith("http://127.0.0.1:") and _port_open(offline_stack.catalog_url)
 
 
+def test_launcher_command_serves_voila_and_stops_everything_on_sigterm(tmp_path):
+    """`python notebooks/offline.py voila NOTEBOOK`: the notebook is served, and `kill PID` stops
+    Voila, the STAC API and the blob server and removes the work directory."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "home"
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
+           "JUPYTER_RUNTIME_DIR": str(home / "runtime")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "offline.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(NOTEBOOKS / "offline.py"), "voila", "04_similarity_search.ipynb",
+                                 f"--port={port}"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not _port_open(f"http://127.0.0.1:{port}"):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        found = re.search(r"local STAC API (\S+), blob server (\S+), work directory (\S+)", log.read_text())
+        api, blob, workdir = found.groups()
+        assert _port_open(api) and _port_open(blob)
+        copy = Path(workdir) / "notebooks" / "04_similarity_search.ipynb"
+        assert f"CATALOG_URL = {api!r}" in nbformat.read(copy, 4).cells[1].source
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not _port_open(f"http://127.0.0.1:{port}") and not _port_open(api) and not _port_open(blob)
+    assert not Path(workdir).exists()
+
+
 # ------------------------------------------------------------------ the notebooks, executed
 def test_quickstart(offline_stack):
     served_before = len(offline_stack.storage.requests)
