@@ -1,4 +1,5 @@
-"""kill -9 mid-run then resume gives the identical zarr; a dask LocalCluster equals one process."""
+"""kill -9 mid-run then resume gives the identical zarr, with the public release's layout (no fusion
+parameters: the deterministic mean fusion); a dask LocalCluster equals one process."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from terrafm.embed import embed
 from terrafm.model import create_model
 torch.set_num_threads(1)
 torch.manual_seed(0)
-model = create_model("terrafm_tiny").eval()
+model = create_model("terrafm_tiny", weights=sys.argv[2], seed=1).eval()
 ds = make_dataset(height=640, width=640, times=2, s1=True).chunk({{"y": 128, "x": 128}})
 embed(ds, model=model, chip_size=96, overlap=16, block_chips=1, batch_size=1, device="cpu",
       progress=False, out=sys.argv[1])
@@ -35,13 +36,20 @@ def _run_kw():
     return dict(chip_size=96, overlap=16, block_chips=1, batch_size=1, device="cpu", progress=False)
 
 
-def _model():
-    import torch
-
+def _model(weights=None, seed=0):
     from terrafm.model import create_model
 
-    torch.manual_seed(0)
-    return create_model("terrafm_tiny").eval()
+    return create_model("terrafm_tiny", weights=weights, seed=seed).eval()
+
+
+def _release_layout(tmp_path):
+    """A release-layout checkpoint: every parameter but the fusion's (as the public TerraFM-B)."""
+    import torch
+
+    state = _model(seed=7).state_dict()
+    path = tmp_path / "release_layout.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("patch_embed.fusion.")}, path)
+    return path
 
 
 def _dataset():
@@ -57,7 +65,8 @@ def _arrays(path):
 
 def test_kill9_then_resume_is_bit_identical(tmp_path):
     out = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=str(HERE)), str(out)],
+    weights = _release_layout(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=str(HERE)), str(out), str(weights)],
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     done = 0
     deadline = time.time() + 120
@@ -81,8 +90,9 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the killed run: kernels may split work differently per thread count
     try:
-        resumed = embed(_dataset(), model=_model(), out=out, **_run_kw())
-        reference = embed(_dataset(), model=_model(), out=tmp_path / "clean.zarr", **_run_kw())
+        # another process, another seed: the fusion the file lacks is the parameter-free mean, not a draw
+        resumed = embed(_dataset(), model=_model(weights, seed=2), out=out, **_run_kw())
+        reference = embed(_dataset(), model=_model(weights, seed=3), out=tmp_path / "clean.zarr", **_run_kw())
     finally:
         torch.set_num_threads(threads)
     a, b = _arrays(out), _arrays(tmp_path / "clean.zarr")
@@ -90,6 +100,7 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert a["blocks_done"].all()
     np.testing.assert_array_equal(resumed.values, reference.values)
+    assert resumed.attrs["fusion"] == "mean"
 
 
 def test_local_cluster_equals_single_process(tmp_path):
