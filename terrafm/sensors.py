@@ -771,9 +771,3 @@ register_layer(Layer(
     key="worldcover", dtype="uint8", nodata=0, description="ESA WorldCover classes (0 = no data)",
     collections={"planetary-computer": Collection("esa-worldcover", {"worldcover": "map"})},
 ))
-
-# transitional names, removed once every caller reads the registry
-MODALITY_KEYS = RELEASE_MODALITIES
-S2_NODATA, S1_NODATA = 0, -32768.0
-S2_OFFSET_START = _S2_OFFSET.start
-S2_BASELINE_OFFSET = _S2_OFFSET.dn
