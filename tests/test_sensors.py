@@ -109,3 +109,67 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(sensors, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 5 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------- the registry's rules
+def test_pixel_valid_is_one_rule_for_every_modality_numpy_and_dask():
+    import dask.array as da
+
+    l2a, s1 = sensors.MODALITIES["s2_l2a"], sensors.MODALITIES["s1"]
+    dn = np.array([[[0, 5, 7]], [[3, 0, 9]]], "uint16")              # two of the 12 bands; the others fine
+    bands = [dn[0], dn[1]] + [np.full((1, 3), 100, "uint16")] * 10
+    np.testing.assert_array_equal(l2a.pixel_valid(bands), [[False, False, True]])
+    scl = np.array([[4, 4, 9]], "uint8")                               # vegetation, vegetation, cloud high
+    np.testing.assert_array_equal(l2a.pixel_valid(bands, quality=scl), [[False, False, False]])
+    power = np.array([0.1, 0.0, -0.01, np.nan, -32768.0, np.inf], "float32")
+    vh = np.full(6, 0.02, "float32")
+    np.testing.assert_array_equal(s1.pixel_valid([power, vh]), [True, False, False, False, False, False])
+    lazy = s1.pixel_valid([da.from_array(power, chunks=3), da.from_array(vh, chunks=3)])
+    np.testing.assert_array_equal(lazy.compute(), s1.pixel_valid([power, vh]))
+    codes = da.from_array(np.array([0, 1, 3, 4, 8, 9, 10, 11], "uint8"), chunks=4)
+    assert sensors.MODALITIES["s2_l2a"].quality.decode(codes).compute().tolist() == [
+        False, False, False, True, False, False, False, True]
+
+
+def test_harmonize_rule_by_hand_for_every_dtype():
+    l1c = sensors.MODALITIES["s2_l1c"]
+    dn = np.array([0, 1, 999, 1000, 1001, 65535], "uint16")
+    np.testing.assert_array_equal(l1c.harmonize(dn, 1000), [0, 1, 1, 1, 1, 64535])
+    np.testing.assert_array_equal(l1c.harmonize(dn, 0), dn)             # no offset: unchanged
+    per_step = np.array([[1500, 0], [1500, 0]], "uint16")              # (time, x), offsets per step
+    np.testing.assert_array_equal(l1c.harmonize(per_step, np.array([[1000], [0]])), [[500, 0], [1500, 0]])
+    assert sensors.MODALITIES["s1"].harmonize(np.array([0.5], "float32"), 1000)[0] == np.float32(0.5)  # no rule
+    rule = l1c.offset
+    assert l1c.stored_offset("04.00") == 1000 and l1c.stored_offset("02.14") == 0
+    assert l1c.stored_offset(None, np.datetime64("2022-01-25").astype(object)) == 1000
+    assert l1c.stored_offset(None, np.datetime64("2022-01-24").astype(object)) == 0 and rule.start.isoformat() == "2022-01-25"
+
+
+def test_patch_valid_numpy_and_torch_agree_with_the_half_rule():
+    rng = np.random.default_rng(3)
+    mask = rng.random((2, 32, 48)) < 0.5
+    fraction = mask.reshape(2, 2, 16, 3, 16).mean(axis=(2, 4))
+    expected = fraction >= 0.5
+    np.testing.assert_array_equal(sensors.patch_valid(mask), expected)
+    np.testing.assert_array_equal(sensors.patch_valid(torch.from_numpy(mask)).numpy(), expected)
+    exactly_half = np.zeros((16, 16), bool)
+    exactly_half[:8] = True
+    assert sensors.patch_valid(exactly_half).item() is True
+
+
+def test_registry_names_and_a_registered_sensor():
+    l2a = sensors.MODALITIES["s2_l2a"]
+    assert l2a.variables[0] == "s2_l2a_B01" and l2a.mask_variable == "mask_s2_l2a"
+    assert l2a.offset_coord == "s2_l2a_offset" and sensors.MODALITIES["s1"].gap_variable == "s1_time_gap"
+    assert set(l2a.variables).isdisjoint(sensors.MODALITIES["s2_l1c"].variables)
+    toy = sensors.Modality("toy4", ("a", "b", "c", "d"), (1.0,) * 4, (2.0,) * 4, "uint16", 0, "DN", "toy")
+    sensors.register_modality(toy)
+    try:
+        assert list(sensors.MODALITIES)[-1] == "toy4"
+        x = np.full((4, 2, 2), 1.0)
+        np.testing.assert_allclose(sensors.normalize(x, "toy4"), 0.5)      # mu maps to 0.5
+    finally:
+        sensors.unregister_modality("toy4")
+    assert "toy4" not in sensors.MODALITIES
+    with pytest.raises(ValueError, match="1 bands need as many means"):
+        sensors.Modality("bad", ("a",), (1.0, 2.0), (1.0,), "uint16", 0, "DN", "bad")
