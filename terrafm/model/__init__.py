@@ -59,12 +59,13 @@ def create_model(name: str = "terrafm_base", weights: str | os.PathLike | None =
     True
     """
     config = get_config(name, **overrides)
+    path = None if weights is None else resolve_weights(weights, config)   # fail before building
     if seed is None:
         model = TerraFM(config)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = TerraFM(config)
-    if weights is not None:
-        load_weights(model, weights)
+    if path is not None:
+        load_weights(model, path)
     return model

@@ -85,12 +85,13 @@ class CrossAttentionFusion(nn.Module):
     def set_masked_mean(self) -> "CrossAttentionFusion":
         """Set the parameters so that the fusion is the mean of the valid modalities' values.
 
-        Zero queries (and query projection) make every attention logit 0, so each query attends
-        uniformly to the valid modalities: ``z'_n[j] = mean_m V_m`` for every ``j``. Zero key
-        projection keeps the logits 0 whatever the tokens, and a zero score vector makes the
-        query weights ``softmax(0) = 1/N_q`` without reading the values. Hence
-        ``fused_n = mean over valid m of V_m`` (one valid modality: exactly its value; none:
-        zero). Used for checkpoints without fusion parameters (the public release).
+        Zero queries and query projection give ``Q = 0`` and zero key projection ``K = 0``, so
+        every attention logit is 0 whatever the tokens and each query attends uniformly to the
+        valid modalities: ``z'_n[j] = mean_m V_m`` for every ``j``. A zero score vector makes
+        the query weights ``softmax(0) = 1/N_q`` without reading the values. Hence
+        ``fused_n = mean over valid m of V_m``, to float rounding (a few ulp); one valid
+        modality: exactly its value; none: zero. Used for checkpoints without fusion parameters
+        (the public release).
 
         All-zero queries and keys are a fixed point of gradient descent (each one's gradient is
         proportional to the other): to train a fusion, start from :meth:`reset_parameters`.
@@ -99,8 +100,8 @@ class CrossAttentionFusion(nn.Module):
         --------
         >>> fusion = CrossAttentionFusion(dim=8, num_queries=5, num_heads=2).set_masked_mean()
         >>> values = torch.tensor([[[1.0] * 8, [3.0] * 8, [100.0] * 8]])
-        >>> fusion(torch.randn(1, 3, 8), values, torch.tensor([[True, True, False]]))[0, :3]
-        tensor([2., 2., 2.])
+        >>> fusion(torch.randn(1, 3, 8), values, torch.tensor([[True, True, False]]))[0, :3].tolist()
+        [2.0, 2.0, 2.0]
         """
         for tensor in (self.queries, self.score, self.query_proj.weight, self.query_proj.bias,
                        self.key_proj.weight, self.key_proj.bias):
