@@ -12,7 +12,6 @@ normalized by :meth:`~terrafm.sensors.Modality.normalize`, and invalid pixels ar
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,7 @@ __all__ = ["MajorTOMCore", "GeoTIFFFolder", "MajorTOMError", "MissingModalityErr
            "decode_band", "model_input", "product_offset", "sampling_weights",
            "frequent_classes", "read_cell_stats", "FILL_VALUE"]
 
-FILL_VALUE = 0.5
-"""Normalized value of invalid pixels (the band mean), as ``terrafm.prepare.FILL_VALUE``."""
-
-# processing baseline in a Copernicus product name: S2B_MSIL2A_20230615T..._N0509_R..._T..._...
-_BASELINE_IN_PRODUCT_ID = re.compile(r"_N(\d{2})(\d{2})_")
+from terrafm.sensors import FILL_VALUE  # noqa: E402  (re-exported: the normalized value of invalid pixels)
 
 
 class MajorTOMError(RuntimeError):
@@ -51,7 +46,6 @@ def decode_band(data: bytes, out_shape: tuple[int, int], nearest: bool = False) 
     ...
     rasterio.errors.RasterioIOError: ...
     """
-    import rasterio
     from rasterio.enums import Resampling
     from rasterio.io import MemoryFile
 
@@ -88,8 +82,7 @@ def product_offset(modality, product_id=None, product_datetime=None) -> int:
     """
     if modality.offset is None:
         return 0
-    match = _BASELINE_IN_PRODUCT_ID.search(str(product_id or ""))
-    baseline = f"{match[1]}.{match[2]}" if match else None
+    baseline = modality.offset.baseline_in(name=product_id)
     acquired = None
     if product_datetime is not None:
         import pandas as pd
@@ -101,10 +94,9 @@ def product_offset(modality, product_id=None, product_datetime=None) -> int:
 def model_input(stored: np.ndarray, key: str, offset=None) -> tuple[np.ndarray, np.ndarray]:
     """Stored values ``(C, H, W)`` of one modality -> normalized float32 and pixel validity.
 
-    The order is the one of ``terrafm.prepare.normalize_block``: validity on the stored values
-    (:meth:`~terrafm.sensors.Modality.pixel_valid`), then the baseline offset ``offset`` (DN
-    still in the values; None or 0 keeps them) removed by :meth:`~terrafm.sensors.Modality.harmonize`,
-    then :meth:`~terrafm.sensors.Modality.normalize`; invalid pixels become :data:`FILL_VALUE`.
+    :meth:`terrafm.sensors.Modality.model_input`, the path ``terrafm.prepare.normalize_block`` takes
+    too: validity on the stored values, then the baseline offset ``offset`` (DN still in the values;
+    None or 0 keeps them) removed, then normalization; invalid pixels become :data:`FILL_VALUE`.
 
     Examples
     --------
@@ -115,15 +107,7 @@ def model_input(stored: np.ndarray, key: str, offset=None) -> tuple[np.ndarray, 
     """
     from terrafm.sensors import MODALITIES
 
-    spec = MODALITIES[key]
-    stored = np.asarray(stored)
-    valid = spec.pixel_valid(stored)
-    if offset:
-        stored = spec.harmonize(stored, offset)
-    out = stored.astype(np.float32)                  # a fresh buffer, normalized in place
-    spec.normalize(out, channel_axis=-3, inplace=True)
-    out[:, ~valid] = FILL_VALUE
-    return out, valid
+    return MODALITIES[key].model_input(stored, offset=offset or None)
 
 
 def read_cell_stats(path: str | Path | None):

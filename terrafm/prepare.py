@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["solar_day", "nearest_index", "take_time_steps", "time_gap_attrs", "pair_nearest", "composite",
            "detect_modalities", "normalize", "normalize_block", "normalized_block", "stack_bands", "FILL_VALUE"]
 
-FILL_VALUE = 0.5
+FILL_VALUE = sensors.FILL_VALUE
 """Normalized value written where a pixel is invalid (the band mean)."""
 
 
@@ -334,7 +334,7 @@ def normalize_block(raw: np.ndarray, modality: str, mask: np.ndarray | None = No
     (normalized, valid)
         float32 ``(..., C, y, x)`` with :data:`FILL_VALUE` at invalid pixels, and bool
         ``(..., y, x)`` by the registry's rule (:meth:`terrafm.sensors.Modality.pixel_valid`)
-        and ``mask``.
+        and ``mask``: :meth:`terrafm.sensors.Modality.model_input`, shared with pretraining.
 
     Examples
     --------
@@ -343,16 +343,10 @@ def normalize_block(raw: np.ndarray, modality: str, mask: np.ndarray | None = No
     >>> valid.tolist(), bool(x[0, 0, 1] == FILL_VALUE)
     ([[True, False]], True)
     """
-    m = sensors.get_modality(modality)
-    raw = np.asarray(raw)
-    valid = m.pixel_valid(raw, mask=None if mask is None else np.asarray(mask))
-    if offset is not None:
-        off = np.asarray(offset)
-        raw = m.harmonize(raw, np.expand_dims(off, -3) if off.ndim else off)
-    x = raw.astype(np.float32)                      # a fresh buffer, normalized in place
-    m.normalize(x, channel_axis=-3, inplace=True)
-    np.copyto(x, np.float32(FILL_VALUE), where=~np.expand_dims(valid, -3))
-    return x, valid
+    off = None if offset is None else np.asarray(offset)
+    if off is not None and off.ndim:
+        off = np.expand_dims(off, -3)
+    return sensors.get_modality(modality).model_input(raw, mask, off)
 
 
 def normalized_block(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

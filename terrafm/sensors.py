@@ -30,6 +30,7 @@ np.float32(0.6178)
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -39,7 +40,7 @@ __all__ = [
     "Modality", "Collection", "BaselineOffset", "QualityMask", "MajorTOM", "Layer",
     "MODALITIES", "LAYERS", "RELEASE_MODALITIES", "register_modality", "unregister_modality",
     "register_layer", "get_modality", "S2_BANDS", "S1_BANDS", "PATCH_SIZE", "MIN_VALID_FRACTION",
-    "NORMALIZATION_FORMULA", "patch_valid", "linear_to_db", "normalize", "denormalize",
+    "NORMALIZATION_FORMULA", "FILL_VALUE", "patch_valid", "linear_to_db", "normalize", "denormalize",
     "fill_missing_bands", "validate_bands",
 ]
 
@@ -51,6 +52,9 @@ MIN_VALID_FRACTION = 0.5
 
 NORMALIZATION_FORMULA = "(x - (mu - 2 sigma)) / (4 sigma)"
 """What :func:`normalize` computes (recorded in attrs of normalized arrays and embeddings)."""
+
+FILL_VALUE = 0.5
+"""Normalized value given to invalid pixels (the band mean, ``mu``)."""
 
 DB_FLOOR = 1e-10
 """Linear power below this is clipped before the dB conversion (zero power stays finite)."""
@@ -133,11 +137,18 @@ class BaselineOffset:
     nodata), and a valid DN becomes ``max(DN - offset, floor)``: a valid pixel stays valid, a
     slightly negative reflectance becomes the smallest positive DN.
 
+    A product states its baseline in the item property ``property``, else in its product name
+    (``name_pattern`` in ``name_properties`` or the name given: ``_N0509_`` is 05.09, and ESA's
+    reprocessed archive carries the offset on dates before ``start`` too); only without either
+    does the acquisition date decide.
+
     Examples
     --------
     >>> rule = MODALITIES["s2_l2a"].offset
     >>> rule.present(baseline="04.00"), rule.present(baseline="03.01"), rule.present(acquired=_dt.date(2023, 1, 1))
     (True, False, True)
+    >>> rule.baseline_in(name="S2A_MSIL2A_20190102T103431_N0500_R108_T32TMT_20230101T000000")
+    '05.00'
     """
 
     dn: int
@@ -145,6 +156,20 @@ class BaselineOffset:
     since: str
     start: _dt.date
     floor: int = 1
+    name_pattern: str | None = None
+    name_properties: tuple[str, ...] = ()
+
+    def baseline_in(self, properties: Mapping[str, Any] | None = None, name: str | None = None) -> str | None:
+        """The processing baseline a product states (its property, else its product name), or None."""
+        properties = properties or {}
+        if properties.get(self.property):
+            return str(properties[self.property])
+        if self.name_pattern:
+            for text in [*(properties.get(p) for p in self.name_properties), name]:
+                match = re.search(self.name_pattern, str(text or ""))
+                if match:
+                    return f"{match[1]}.{match[2]}"
+        return None
 
     def present(self, baseline: str | None = None, acquired: Any = None) -> bool:
         """Whether a product carries the offset: from its baseline when known, else its date."""
@@ -342,6 +367,29 @@ class Modality:
     def stored_offset(self, baseline: str | None = None, acquired: Any = None) -> int:
         """DN offset in a product's stored values (0 when the modality has no offset rule)."""
         return self.offset.dn if self.offset is not None and self.offset.present(baseline, acquired) else 0
+
+    def model_input(self, stored, mask=None, offset=None):
+        """Stored values ``(..., C, y, x)`` -> (float32 model input, bool validity ``(..., y, x)``):
+        validity decided on the stored values (:meth:`pixel_valid` and ``mask``), then the DN offset
+        still in them removed (:meth:`harmonize`; ``offset`` scalar or broadcastable against the
+        values), then :meth:`normalize`; invalid pixels hold :data:`FILL_VALUE`. The one path from
+        stored values to the model, for inference and pretraining alike.
+
+        Examples
+        --------
+        >>> dn = np.array([0, 500, 1000, 3000], "uint16").reshape(1, 1, 4).repeat(12, 0)
+        >>> x, valid = MODALITIES["s2_l2a"].model_input(dn, offset=1000)
+        >>> valid.tolist(), [round(float(v), 4) for v in x[3, 0]]   # B04: 0 nodata; 500, 1000 -> DN 1; 3000 -> 2000
+        ([[False, True, True, True]], [0.5, 0.1877, 0.1877, 0.5968])
+        """
+        stored = np.asarray(stored)
+        valid = self.pixel_valid(stored, mask=None if mask is None else np.asarray(mask))
+        if offset is not None and np.any(offset):
+            stored = self.harmonize(stored, offset)
+        x = stored.astype(np.float32)                   # a fresh buffer, normalized in place
+        self.normalize(x, channel_axis=-3, inplace=True)
+        np.copyto(x, np.float32(FILL_VALUE), where=~np.expand_dims(valid, -3))
+        return x, valid
 
     def normalize(self, x, channel_axis: int = -3, inplace: bool = False):
         """:func:`normalize` for this modality."""
@@ -717,7 +765,8 @@ _S2_COMMON_NAMES = {"B01": ("coastal",), "B02": ("blue",), "B03": ("green",), "B
 _PC_S2 = {b: b for b in S2_BANDS}
 _ES_S2 = {b: names[0] for b, names in _S2_COMMON_NAMES.items()}
 _S2_OFFSET = BaselineOffset(dn=1000, property="s2:processing_baseline", since="04.00",
-                            start=_dt.date(2022, 1, 25))
+                            start=_dt.date(2022, 1, 25), name_pattern=r"_N(\d{2})(\d{2})_",
+                            name_properties=("s2:product_uri",))
 _SCL = QualityMask("SCL", invalid_classes=(0, 1, 3, 8, 9, 10),
                    description="Sentinel-2 scene classification (invalid: no data, saturated, cloud shadow, "
                                "medium/high cloud, cirrus)")

@@ -503,7 +503,8 @@ class _Part:
 
 
 def _item_offset(modality: sensors.Modality, item) -> int:
-    return modality.stored_offset(item.properties.get(modality.offset.property), reading.nominal_datetime(item))
+    baseline = modality.offset.baseline_in(item.properties, name=item.id)
+    return modality.stored_offset(baseline, reading.nominal_datetime(item))
 
 
 def _check_offsets(modality: sensors.Modality, items: list, s2_offset: str | None) -> None:
