@@ -101,3 +101,18 @@ def test_cpu_bf16_autocast_stays_close(model):
         with autocast(torch.device("cpu"), "bf16"):
             low = model(image).patch.float()
     assert torch.allclose(full, low, atol=0.1)
+
+
+def test_config_modalities_are_explicit_and_known():
+    from terrafm.model import ModelConfig
+
+    with pytest.raises(TypeError, match="modalities"):
+        ModelConfig("no_modalities", embed_dim=64, num_heads=4, fusion_heads=4)
+    with pytest.raises(ValueError, match=r"unknown modalities \['s3_olci'\]: register them in terrafm.sensors"):
+        ModelConfig("toy", modalities=("s2_l2a", "s3_olci"), embed_dim=64, num_heads=4, fusion_heads=4)
+    with pytest.raises(ValueError, match="repeat a key"):
+        ModelConfig("toy", modalities=("s1", "s1"), embed_dim=64, num_heads=4, fusion_heads=4)
+    with pytest.raises(TypeError, match=r"tuple of modality keys, e.g."):
+        ModelConfig("toy", modalities="s1", embed_dim=64, num_heads=4, fusion_heads=4)
+    config = ModelConfig("toy", modalities=["s1"], embed_dim=64, num_heads=4, fusion_heads=4)
+    assert config.modalities == ("s1",) and config.in_chans("s1") == 2
