@@ -30,7 +30,7 @@ def build(variant: str, device: torch.device):
     if variant == "timm_vit_b16":
         model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
         return model.to(device).eval(), lambda b: (torch.randn(b, 3, 224, 224, device=device),)
-    model = create_model("terrafm_base").to(device).eval()
+    model = create_model("terrafm_base").to(device).eval().fold_for_inference()   # the path embed() runs
     if variant == "terrafm_single":
         return model, lambda b: ({"s2_l2a": torch.randn(b, 12, 224, 224, device=device)},)
     if variant == "terrafm_fused":

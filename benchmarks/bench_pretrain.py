@@ -14,7 +14,7 @@ by side in one run:
   independent for student and teacher, the config's threshold, selection carried by the masks as
   ``pretrain.train.collate`` builds them; fusion where several are chosen) and the
   dual-centering loss (the config's alpha, half the samples feed c_h);
-- ``plain_dino``: S2 L2A only through its stem, the usual single DINO center (alpha = 1, c_h
+- ``plain_dino``: S2 L2A only through its stem, the usual single DINO center (``centering="dino"``, c_h
   never fed);
 - ``stems_only`` (a diagnostic, not a training mode): ``terrafm``'s inputs and modality choices
   through the same stems, proj1 and norm, but the modality tokens of a position summed instead of
@@ -26,7 +26,7 @@ by side in one run:
 Each row also gives the matmul/convolution FLOPs per step of every variant and ``flop_bound`` =
 plain / terrafm FLOPs, the ratio the two would reach at equal FLOP rates.
 
-A step = teacher forward on 2 globals (``pretrain.head.teacher_forward``, as in training),
+A step = teacher forward on 2 globals (the public forward under ``torch.no_grad``, as in training),
 student forward on 2 globals + J locals, loss, backward, per-parameter clip, AdamW step, EMA.
 Inputs are random normalized tensors generated before timing (a few batches, cycled): data
 loading is not timed.
@@ -130,7 +130,7 @@ def _sum_modalities(fusion, values, logits, index, valid, batch):
 
 def make_step(setup: dict, variant: str, device: torch.device):
     """A closure running one full training step of ``variant`` on pre-built batches."""
-    from pretrain.head import build_student_teacher, ema_update, teacher_forward
+    from pretrain.head import build_student_teacher, ema_update
     from pretrain.loss import DualCenteringDINOLoss
     from pretrain.train import build_optimizer, clip_gradients
 
@@ -143,8 +143,9 @@ def make_step(setup: dict, variant: str, device: torch.device):
         for net in (student, teacher):
             fusion = net.backbone.patch_embed.fusion
             fusion.combine = types.MethodType(_sum_modalities, fusion)
-    alpha = setup["alpha"] if variant == "terrafm" else 1.0
-    loss_fn = DualCenteringDINOLoss(out_dim, 2 + setup["n_local"], np.full(10, 0.04), alpha=alpha).to(device)
+    centering = "dual" if variant == "terrafm" else "dino"
+    loss_fn = DualCenteringDINOLoss(out_dim, 2 + setup["n_local"], np.full(10, 0.04), alpha=setup["alpha"],
+                                    centering=centering).to(device)
     optimizer = build_optimizer(student, lr=1e-4)  # the optimizer training uses
     batches = make_batches(setup, variant, device)
     amp = device.type == "cuda"
@@ -154,7 +155,8 @@ def make_step(setup: dict, variant: str, device: torch.device):
         teacher_groups, student_groups, frequent = batches[count[0] % len(batches)]
         count[0] += 1
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            t = teacher_forward(teacher, teacher_groups)
+            with torch.no_grad():
+                t = teacher(teacher_groups)
             s = student(student_groups)
         loss = loss_fn(s.float(), t.float(), 0, frequent)
         optimizer.zero_grad(set_to_none=True)
