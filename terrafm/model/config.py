@@ -17,8 +17,9 @@ from ..sensors import PATCH_SIZE
 
 __all__ = ["ModelConfig", "HubWeights", "register_model", "list_models", "get_config"]
 
-#: The stems of the public TerraFM release, in its order (its state dict has exactly these).
-_RELEASE_MODALITIES = ("s2_l2a", "s2_l1c", "s1")
+#: The stems of the public TerraFM release, in its order (its state dict has exactly these): a
+#: fixed tuple owned by the registry, not the registry's current contents.
+_RELEASE_MODALITIES = sensors.RELEASE_MODALITIES
 
 
 @dataclass(frozen=True)
