@@ -43,7 +43,7 @@ from . import sensors
 logger = logging.getLogger(__name__)
 
 __all__ = ["Catalog", "CATALOGS", "register_catalog", "get_catalog", "ResolvedItem", "resolve",
-           "stamp_origin", "ORIGIN_PROPERTY", "API_PROPERTY", "ConventionError"]
+           "stamp_origin", "conventions", "ORIGIN_PROPERTY", "API_PROPERTY", "ConventionError"]
 
 ORIGIN_PROPERTY = "terrafm:catalog"
 """Item property naming the catalog an item was found in (set by :func:`terrafm.stac.search`)."""
@@ -199,7 +199,8 @@ def _from_convention(item, entry, collection, catalog, source) -> ResolvedItem:
                         collection.scale, collection.offset, source)
 
 
-def _conventions(collection_id: str):
+def conventions(collection_id: str) -> list:
+    """``(catalog name, modality or layer, Collection)`` of every registered convention with this id."""
     return [(name, entry, c) for entry in _entries() for name, c in entry.collections.items() if c.id == collection_id]
 
 
@@ -221,7 +222,7 @@ def resolve(item) -> ResolvedItem:
         Asset keys contradicting the declared catalog, or no recognisable bands.
     """
     catalog = _origin(item)
-    known = _conventions(item.collection_id)
+    known = conventions(item.collection_id)
     if catalog is not None:
         mine = [(e, c) for name, e, c in known if name == catalog.name]
         for entry, collection in mine:
@@ -230,7 +231,7 @@ def resolve(item) -> ResolvedItem:
         if mine:
             entry, collection = mine[0]
             missing = sorted(k for k in collection.assets.values() if k not in item.assets)
-            others = [f"{name}/{c.id}" for name, e, c in _conventions(item.collection_id) if _has_keys(item, c)]
+            others = [f"{name}/{c.id}" for name, e, c in conventions(item.collection_id) if _has_keys(item, c)]
             raise ConventionError(
                 f"item {item.id} is declared as from catalog {catalog.name!r}, but lacks that catalog's asset keys "
                 f"{missing} for {collection.id!r} (it has {sorted(item.assets)})"

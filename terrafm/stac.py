@@ -129,12 +129,12 @@ def _search_terms(collection: str, catalog: catalogs.Catalog | None, base_terms:
     terms = dict(base_terms)
     if max_cloud is None:
         return terms
-    modalities = {entry.key: entry for name, entry, c in catalogs._conventions(collection)
-                  if catalog is None or name == catalog.name}
-    clouds = {getattr(m, "cloud_cover", None) for m in modalities.values()} - {None}
+    known = catalogs.conventions(collection)
+    entries = [e for name, e, _ in known if catalog is not None and name == catalog.name] or [e for _, e, _ in known]
+    clouds = {getattr(e, "cloud_cover", None) for e in entries} - {None}
     if clouds:
         terms[clouds.pop()] = {"lt": float(max_cloud)}
-    elif not modalities:
+    elif not entries:
         logger.info("collection %r is in no convention table: max_cloud not applied to it", collection)
     return terms
 
