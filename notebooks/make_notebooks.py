@@ -238,7 +238,8 @@ NOTEBOOKS = {
         ("md", "## Embed with your model\nThe same area as the other notebooks, embedded by the model you just "
                "trained (only the modalities it learned), coloured by PCA."),
         ("code", SEARCH_LOAD + "\n"
-                 "emb = terrafm.embed(ds, model=model, modalities=train_cfg.data.modalities)\n"
+                 "learned = [k for k in train_cfg.data.modalities if f\"mask_{k}\" in ds]  # trained stems with data here\n"
+                 "emb = terrafm.embed(ds, model=model, modalities=learned)\n"
                  "m = viz.new_map(emb, toolbar=TOOLBAR)\n"
                  "viz.add_embedding_layer(m, terrafm.to_rgb(emb, method=\"pca\"), \"pretrained embedding (PCA)\", opacity=0.85)\n"
                  "m"),
