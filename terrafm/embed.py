@@ -284,6 +284,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     keys = list(arrays)
     times = ds["time"].values if has_time else None
     net = _build_model(model, weights)
+    was_folded = getattr(net, "folded", False)   # the engine folds the stems; a caller's model is given back as it came
 
     out_gbox = gbox.zoom_out(PATCH_SIZE) if level == "patch" else gbox.zoom_out(chip_size)
     if level == "chip":
@@ -376,6 +377,8 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
                         collect(t, result)
     finally:
         bar.close()
+        if hasattr(net, "fold_for_inference"):
+            net.fold_for_inference(was_folded)
 
     if out is not None:
         result = open_embedding(out)

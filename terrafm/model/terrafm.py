@@ -126,6 +126,11 @@ class TerraFM(nn.Module):
         return self
 
     @property
+    def folded(self) -> bool:
+        """Whether :meth:`fold_for_inference` is on."""
+        return self.patch_embed.folded
+
+    @property
     def folded_for_inference(self) -> bool:
         """Whether :meth:`fold_for_inference` is on."""
         return self.patch_embed.folded

@@ -28,8 +28,6 @@ _LAZY = {
     "ChangeExplorer": "terrafm.viz.change_app",
     "LabelTool": "terrafm.viz.label_app",
     "UmapLink": "terrafm.viz.umap_app",
-    "notebook_mode": "terrafm.viz.notebook",
-    "open_notebook_area": "terrafm.viz.notebook",
 }
 
 __all__ = sorted(_LAZY)

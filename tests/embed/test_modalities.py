@@ -43,6 +43,7 @@ def test_l2a_and_l1c_reach_their_own_stems_with_their_own_masks():
         emb = embed(ds, model=model, batch_size=2, **KW)
     finally:
         hook.remove()
+    assert not model.folded                                   # embed gives the caller's model back unfolded
     inputs, patch_valid = seen[0]
     for key, dn in (("s2_l2a", 1111), ("s2_l1c", 2222)):
         expected = sensors.normalize(np.full((sensors.MODALITIES[key].n_bands, 1, 1), dn, "float64"), key)[:, 0, 0]
