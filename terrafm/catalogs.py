@@ -108,7 +108,13 @@ def register_catalog(catalog: Catalog) -> Catalog:
 
 
 def get_catalog(name: str) -> Catalog:
-    """The registered catalog ``name``, or an error listing them."""
+    """The registered catalog ``name``, or an error listing them.
+
+    Examples
+    --------
+    >>> get_catalog("earth-search").sign is None
+    True
+    """
     if name not in CATALOGS:
         raise ValueError(f"unknown catalog {name!r}; use one of {list(CATALOGS)} or url=... "
                          "(register others with terrafm.catalogs.register_catalog)")
@@ -155,7 +161,16 @@ class ResolvedItem:
 
 
 def stamp_origin(item, catalog: Catalog | None, endpoint: str) -> None:
-    """Record where ``item`` was found (in its properties, so the record survives serialisation)."""
+    """Record where ``item`` was found (in its properties, so the record survives serialisation).
+
+    Examples
+    --------
+    >>> import pystac, datetime as dt
+    >>> item = pystac.Item("x", None, None, dt.datetime(2023, 6, 1), {})
+    >>> stamp_origin(item, get_catalog("earth-search"), "https://mirror.example/v1")
+    >>> item.properties
+    {'terrafm:catalog': 'earth-search', 'terrafm:api': 'https://mirror.example/v1'}
+    """
     if catalog is not None:
         item.properties[ORIGIN_PROPERTY] = catalog.name
     item.properties[API_PROPERTY] = endpoint
@@ -200,7 +215,13 @@ def _from_convention(item, entry, collection, catalog, source) -> ResolvedItem:
 
 
 def conventions(collection_id: str) -> list:
-    """``(catalog name, modality or layer, Collection)`` of every registered convention with this id."""
+    """``(catalog name, modality or layer, Collection)`` of every registered convention with this id.
+
+    Examples
+    --------
+    >>> [(name, entry.key) for name, entry, _ in conventions("sentinel-2-l2a")]
+    [('planetary-computer', 's2_l2a'), ('earth-search', 's2_l2a')]
+    """
     return [(name, entry, c) for entry in _entries() for name, c in entry.collections.items() if c.id == collection_id]
 
 
@@ -220,6 +241,16 @@ def resolve(item) -> ResolvedItem:
     ------
     ConventionError
         Asset keys contradicting the declared catalog, or no recognisable bands.
+
+    Examples
+    --------
+    >>> import pystac, datetime as dt
+    >>> item = pystac.Item("s1", None, None, dt.datetime(2023, 6, 1), {}, collection="sentinel-1-rtc")
+    >>> for pol in ("vv", "vh"):
+    ...     item.add_asset(pol, pystac.Asset(f"https://x.blob.core.windows.net/c/{pol}.tif"))
+    >>> how = resolve(item)                      # origin unknown: by asset keys; signed: a blob host
+    >>> how.modality.key, how.catalog, how.sign is not None
+    ('s1', None, True)
     """
     catalog = _origin(item)
     known = conventions(item.collection_id)

@@ -474,7 +474,15 @@ def register_modality(modality: Modality) -> Modality:
 
 
 def register_layer(layer: Layer) -> Layer:
-    """Add a label layer (see :class:`Layer`); same uniqueness rules as :func:`register_modality`."""
+    """Add a label layer (see :class:`Layer`); same uniqueness rules as :func:`register_modality`.
+
+    Examples
+    --------
+    >>> register_layer(LAYERS["worldcover"])
+    Traceback (most recent call last):
+    ...
+    ValueError: layer 'worldcover' is registered twice (name taken by 'worldcover')
+    """
     for other in [*MODALITIES.values(), *LAYERS.values()]:
         if _names_of(layer) & _names_of(other):
             raise ValueError(f"layer {layer.key!r} is registered twice (name taken by {other.key!r})")
@@ -493,7 +501,15 @@ def _check_collections_unclaimed(entry) -> None:
 
 
 def unregister_modality(key: str) -> Modality:
-    """Remove a modality (or layer) from the registry and return it."""
+    """Remove a modality (or layer) from the registry and return it.
+
+    Examples
+    --------
+    >>> unregister_modality("landsat")
+    Traceback (most recent call last):
+    ...
+    KeyError: "no modality 'landsat' is registered; registered: ['s2_l2a', 's2_l1c', 's1']"
+    """
     if key in MODALITIES:
         return MODALITIES.pop(key)
     if key in LAYERS:
