@@ -112,14 +112,36 @@ def pc_sign(href: str, refresh: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------
 # reading one band onto a GeoBox
 # ------------------------------------------------------------------------------------------------
-def _repeat_window(pix: np.ndarray, k: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-    """Rows ``y:y+h``, columns ``x:x+w`` of ``pix`` with every pixel repeated ``k`` x ``k``.
+def _repeat_window(pix: np.ndarray, k: int, y: int, x: int, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``y:y+h``, columns ``x:x+w`` of ``pix`` with every pixel repeated ``k`` x ``k``,
+    written into ``out`` (a new array if ``None``; any strides, e.g. a window of a larger array).
 
-    One gather per axis, straight into the output shape (no full-size repeated intermediate).
+    Columns are repeated once (``np.repeat``); each source row is then broadcast to its ``k``
+    output rows, straight into ``out``: about half the time of two gathers or two repeats.
+
+    Examples
+    --------
+    >>> _repeat_window(np.array([[1, 2], [3, 4]]), 2, 1, 1, 3, 2)
+    array([[1, 2],
+           [3, 4],
+           [3, 4]])
     """
-    rows = np.arange(y, y + h) // k
-    cols = np.arange(x, x + w) // k
-    return np.take(np.take(pix, rows, axis=0), cols, axis=1)
+    wide = np.repeat(pix, k, axis=1)[:, x:x + w]
+    if out is None:
+        out = np.empty((h, w), dtype=pix.dtype)
+    i, r = 0, y // k
+    head = min(h, (k - y % k) % k)  # output rows of a source row entered part-way
+    if head:
+        out[:head] = wide[r]
+        i, r = head, r + 1
+    n_full = (h - i) // k
+    if n_full:
+        # splitting the row axis is always a view, so this writes into out
+        out[i:i + n_full * k].reshape(n_full, k, w)[...] = wide[r:r + n_full, None, :]
+        i, r = i + n_full * k, r + n_full
+    if i < h:
+        out[i:] = wide[r]
+    return out
 
 
 def _nodata_mask(pix: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -154,7 +176,7 @@ def _same_nodata(a: float | None, b: float | None) -> bool:
     return a == b
 
 
-def aligned_read(src, cfg, dst_geobox, selection):
+def aligned_read(src, cfg, dst_geobox, selection, dst: np.ndarray | None = None):
     """Read the source window behind ``dst_geobox`` when the grids align, else return ``None``.
 
     Aligned means: same CRS, no rotation, source pixel = k x destination pixel (k a positive
@@ -166,7 +188,9 @@ def aligned_read(src, cfg, dst_geobox, selection):
 
     ``src`` is an :class:`odc.loader.RasterSource`, ``cfg`` an :class:`odc.loader.RasterLoadParams`.
     Returns ``((row_slice, col_slice), pixels)`` in destination pixels, as odc readers do, with
-    odc-loader's output dtype and nodata rules (:func:`odc.loader.resolve_dst_dtype`, ...).
+    odc-loader's output dtype and nodata rules (:func:`odc.loader.resolve_dst_dtype`, ...). Given
+    ``dst`` (an array of the grid's shape), the pixels are written into ``dst[roi]`` and that view
+    is returned, as odc-loader's ``RioReader`` does: no intermediate copy.
 
     Examples
     --------
@@ -178,6 +202,8 @@ def aligned_read(src, cfg, dst_geobox, selection):
     from rasterio.windows import Window
 
     if selection is not None or dst_geobox.crs is None or not isinstance(src.band, int) or src.band < 1:
+        return None
+    if dst is not None and dst.shape != tuple(dst_geobox.shape.yx):
         return None
     if src.geobox is not None and src.geobox.crs != dst_geobox.crs:  # known from STAC metadata: skip the open
         return None
@@ -203,18 +229,31 @@ def aligned_read(src, cfg, dst_geobox, selection):
         j0, j1 = max(0, -off_x), min(w, rdr.width * k - off_x)
         dtype = resolve_dst_dtype(rdr.dtypes[src.band - 1], cfg)
         if i0 >= i1 or j0 >= j1:
-            return (slice(0, 0), slice(0, 0)), np.empty((0, 0), dtype=dtype)
+            return (slice(0, 0), slice(0, 0)), np.empty((0, 0), dtype=dtype if dst is None else dst.dtype)
         r0, r1 = (off_y + i0) // k, (off_y + i1 - 1) // k + 1
         c0, c1 = (off_x + j0) // k, (off_x + j1 - 1) // k + 1
-        pix = rdr.read(src.band, window=Window(c0, r0, c1 - c0, r1 - r0))
+        window = Window(c0, r0, c1 - c0, r1 - r0)
         src_nodata = resolve_src_nodata(rdr.nodatavals[src.band - 1], cfg)
-    if k > 1:
-        pix = _repeat_window(pix, k, off_y + i0 - r0 * k, off_x + j0 - c0 * k, i1 - i0, j1 - j0)
-    out = pix.astype(dtype, copy=False)
+        roi = (slice(i0, i1), slice(j0, j1))
+        if dst is not None:
+            out = dst[roi]
+            if k == 1:
+                rdr.read(src.band, window=window, out=out)   # GDAL converts to out's dtype
+            else:
+                pix = rdr.read(src.band, window=window)
+                _repeat_window(pix, k, off_y + i0 - r0 * k, off_x + j0 - c0 * k, i1 - i0, j1 - j0, out=out)
+            source_values = out
+        else:
+            pix = rdr.read(src.band, window=window)
+    if dst is None:
+        if k > 1:
+            pix = _repeat_window(pix, k, off_y + i0 - r0 * k, off_x + j0 - c0 * k, i1 - i0, j1 - j0)
+        out = pix.astype(dtype, copy=False)
+        source_values = pix
     dst_nodata = resolve_dst_nodata(out.dtype, cfg, src_nodata)
     if dst_nodata is not None and not _same_nodata(src_nodata, dst_nodata):
-        np.copyto(out, dst_nodata, where=_nodata_mask(pix, src_nodata))
-    return (slice(i0, i1), slice(j0, j1)), out
+        np.copyto(out, dst_nodata, where=_nodata_mask(source_values, src_nodata))
+    return roi, out
 
 
 class _SigningReader:
@@ -234,11 +273,14 @@ class _SigningReader:
         while True:
             src = self._src.patch(uri=uri)
             try:
+                fast = aligned_read(src, cfg, dst_geobox, selection, dst=dst)
+                if fast is not None:
+                    return fast
+                roi, pix = RioReader(src, self._ctx).read(cfg, dst_geobox, selection=selection)
                 if dst is None:
-                    fast = aligned_read(src, cfg, dst_geobox, selection)
-                    if fast is not None:
-                        return fast
-                return RioReader(src, self._ctx).read(cfg, dst_geobox, dst=dst, selection=selection)
+                    return roi, pix
+                dst[roi] = pix  # odc's own dst= path hands numpy views to GDAL's warper: not relied on
+                return roi, dst[roi]
             except Exception as err:  # rasterio raises several IO error types
                 text = str(err)
                 if may_resign:
@@ -458,8 +500,9 @@ def read_eager(
     extent = geobox.extent.to_crs("EPSG:4326").geom
     meta = {key: RasterBandMetadata(data_type=dtype, nodata=nodata) for key, (dtype, nodata) in bands.items()}
     cfg = resolve_load_cfg(meta, resampling, fail_on_error=True)
-    arrays = {key: np.full((len(groups),) + tuple(geobox.shape.yx), nodata, dtype=dtype)
-              for key, (dtype, nodata) in bands.items()}
+    # every pixel is written once below (the first granule's window, nodata around it), so no
+    # np.full pass over the output first
+    arrays = {key: np.empty((len(groups),) + tuple(geobox.shape.yx), dtype=dtype) for key, (dtype, _) in bands.items()}
     env = driver.capture_env()
     load_state = driver.new_load(geobox)
     with driver.restore_env(env, load_state) as ctx:
@@ -467,13 +510,40 @@ def read_eager(
             hits = [item for item in group if (shape := footprint(item)) is None or shape.intersects(extent)]
             for key, (_, nodata) in bands.items():
                 dst = arrays[key][t]
+                if not hits:
+                    dst.fill(nodata)
                 for n, item in enumerate(hits):
-                    src = RasterSource(uri=item.assets[key].href, band=1, meta=meta[key])
-                    roi, pix = driver.open(src, ctx).read(cfg[key], geobox)
-                    if n == 0:
-                        dst[roi] = pix
+                    reader = driver.open(RasterSource(uri=item.assets[key].href, band=1, meta=meta[key]), ctx)
+                    if n == 0:  # straight into the output
+                        roi, pix = reader.read(cfg[key], geobox, dst=dst)
+                        if not np.may_share_memory(pix, dst):
+                            dst[roi] = pix
+                        _fill_outside(dst, roi, nodata)
                     else:  # later granules only fill what earlier ones left at nodata
+                        roi, pix = reader.read(cfg[key], geobox)
                         hole = np.isnan(dst[roi]) if np.isnan(nodata) else dst[roi] == nodata
                         np.copyto(dst[roi], pix, where=hole)
     driver.finalise_load(load_state)
     return arrays
+
+
+def _fill_outside(dst: np.ndarray, roi: tuple[slice, slice], value) -> None:
+    """Set every pixel of the 2-D ``dst`` outside the window ``roi`` to ``value``.
+
+    Examples
+    --------
+    >>> a = np.ones((3, 4), dtype="uint8")
+    >>> _fill_outside(a, (slice(1, 2), slice(1, 3)), 0)
+    >>> a
+    array([[0, 0, 0, 0],
+           [0, 1, 1, 0],
+           [0, 0, 0, 0]], dtype=uint8)
+    """
+    (r0, r1, _), (c0, c1, _) = roi[0].indices(dst.shape[0]), roi[1].indices(dst.shape[1])
+    if r1 <= r0 or c1 <= c0:
+        dst.fill(value)
+        return
+    dst[:r0] = value
+    dst[r1:] = value
+    dst[r0:r1, :c0] = value
+    dst[r0:r1, c1:] = value

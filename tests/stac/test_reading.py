@@ -187,8 +187,10 @@ def test_aligned_read_equals_hand_worked_repetition_and_odc_reader(tmp_path, met
     src = RasterSource(uri=path, band=1, meta=meta)
     driver = make_driver(None, GDAL_HTTP_OPTIONS)
     state = driver.new_load(gb)
+    into = np.full((8, 10), 7, dtype=out_dtype)      # 7: a value neither the file nor the fill has
     with driver.restore_env(driver.capture_env(), state) as ctx:
         fast = reading.aligned_read(src, cfg, gb, None)
+        roi_into, view = reading.aligned_read(src, cfg, gb, None, dst=into)
         odc_roi, odc_pix = RioReader(src, ctx).read(cfg, gb)
         shifted = GeoBox(shape=(8, 10), affine=from_origin(500000 - 5, 4200000 - 30, 10, 10), crs=f"EPSG:{EPSG}")
         assert reading.aligned_read(src, cfg, shifted, None) is None      # half a pixel off: odc's warper
@@ -199,6 +201,31 @@ def test_aligned_read_equals_hand_worked_repetition_and_odc_reader(tmp_path, met
         got[roi] = pix
         assert pix.dtype == out_dtype
         np.testing.assert_array_equal(got, expected)
+    # straight into a destination: the window written in place, everything else untouched
+    assert roi_into == fast[0] and np.shares_memory(view, into)
+    np.testing.assert_array_equal(into[roi_into], expected[roi_into])
+    outside = np.ones((8, 10), dtype=bool)
+    outside[roi_into] = False
+    assert (into[outside] == 7).all() and outside.sum() == 10 + 7      # row 7, column 0 of rows 0..6
+
+
+def test_repeat_window_equals_numpy_repeat_into_any_destination():
+    """The k x k repetition behind the aligned read, against ``np.repeat`` of the whole array, for
+    random factors, offsets (cut mid-block) and sizes, into new arrays and into strided windows of
+    a larger array of another dtype (left untouched around the window)."""
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        k, n, m = (int(v) for v in rng.integers(1, [7, 9, 9]))
+        pix = rng.integers(0, 1000, (n, m)).astype("uint16")
+        y, x = int(rng.integers(0, n * k)), int(rng.integers(0, m * k))
+        h, w = int(rng.integers(1, n * k - y + 1)), int(rng.integers(1, m * k - x + 1))
+        expected = np.repeat(np.repeat(pix, k, 0), k, 1)[y:y + h, x:x + w]
+        np.testing.assert_array_equal(reading._repeat_window(pix, k, y, x, h, w), expected)
+        host = np.full((h + 3, w + 5), -1.0, dtype="float32")
+        reading._repeat_window(pix, k, y, x, h, w, out=host[1:1 + h, 2:2 + w])
+        np.testing.assert_array_equal(host[1:1 + h, 2:2 + w], expected)
+        host[1:1 + h, 2:2 + w] = -1.0
+        assert (host == -1.0).all()
 
 
 # ------------------------------------------------------------------------------------------------
