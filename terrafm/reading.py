@@ -271,7 +271,7 @@ class _SigningReader:
         # GDAL reports an expired token only as a failed read; an href nobody signs would fail again
         may_resign = self._sign is not None and (uri != href or unsigned(uri) != uri)
         while True:
-            src = self._src.patch(uri=uri)
+            src = self._src if uri == href else self._src.patch(uri=uri)
             try:
                 fast = aligned_read(src, cfg, dst_geobox, selection, dst=dst)
                 if fast is not None:
