@@ -46,6 +46,7 @@ Examples
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import itertools
 import logging
 from typing import Any, Callable, Mapping, Sequence
@@ -176,6 +177,21 @@ def _same_nodata(a: float | None, b: float | None) -> bool:
     return a == b
 
 
+@functools.lru_cache(maxsize=64)
+def _same_crs(dst_crs: str, src_wkt: str) -> bool:
+    """odc-geo's CRS equality, memoised: a file's WKT is cheap, comparing two CRSs is not.
+
+    Examples
+    --------
+    >>> import pyproj
+    >>> _same_crs("EPSG:32618", pyproj.CRS.from_epsg(32618).to_wkt()), _same_crs("EPSG:32618", pyproj.CRS.from_epsg(32617).to_wkt())
+    (True, False)
+    """
+    from odc.geo import CRS
+
+    return CRS(dst_crs) == CRS(src_wkt)
+
+
 def aligned_read(src, cfg, dst_geobox, selection, dst: np.ndarray | None = None):
     """Read the source window behind ``dst_geobox`` when the grids align, else return ``None``.
 
@@ -221,7 +237,7 @@ def aligned_read(src, cfg, dst_geobox, selection, dst: np.ndarray | None = None)
         off_x, off_y = (dt_.c - st.c) / dt_.a, (dt_.f - st.f) / dt_.e
         if abs(off_x - round(off_x)) > 1e-6 or abs(off_y - round(off_y)) > 1e-6:
             return None
-        if dst_geobox.crs != rdr.crs:
+        if not _same_crs(str(dst_geobox.crs), rdr.crs.to_wkt()):
             return None
         off_x, off_y = int(round(off_x)), int(round(off_y))
         h, w = dst_geobox.shape.yx
