@@ -10,8 +10,8 @@ Only public odc-loader API is used: the names in ``odc.loader.__all__`` (``RioDr
 ``RioReader``, ``RasterSource``, ``RasterBandMetadata``, ``resolve_load_cfg``,
 ``resolve_src_nodata``, ``resolve_dst_nodata``, ``resolve_dst_dtype``) and the ``ReaderDriver``
 protocol that ``odc.stac.load(driver=...)`` documents. The driver wraps a ``RioDriver`` and each
-read wraps a ``RioReader`` (no subclassing); the two nodata helpers of the aligned path are four
-lines each here, with odc-loader's semantics. odc-loader is a declared dependency (``>=0.6.4,<0.7``:
+read wraps a ``RioReader`` (no subclassing); the aligned path's two nodata helpers are a few
+lines each here, with odc-loader's semantics (its own are private). odc-loader is a declared dependency (``>=0.6.4,<0.7``:
 ``RioDriver``/``RioReader`` became public in 0.6.0, odc-stac 0.5 needs 0.6.4), because this
 module imports it directly.
 
