@@ -170,32 +170,52 @@ def composite(ds: xr.Dataset, freq: str | Sequence = "month") -> xr.Dataset:
     Parameters
     ----------
     ds : xr.Dataset
-        Stored bands (``<key>_<band>``); a pixel enters the median where the registry's validity
-        rule holds and ``mask_<key>``, when present, is True.
+        Stored bands (``<key>_<band>``) on a ``time`` dimension. The bands present are
+        composited, all of a modality's bands or some of them. A pixel enters the median where
+        the registry's validity rule (:meth:`terrafm.sensors.Modality.pixel_valid`: nodata,
+        finiteness, positivity) holds for every present band of its modality, and, when present,
+        ``mask_<key>`` is True and the quality layer (``s2_l2a_SCL``) marks it usable.
     freq : "month", "season" (DJF/MAM/JJA/SON), a pandas period alias, or bin edges
         (a sequence of datetimes; bin i is [edges[i], edges[i+1])).
 
     Returns
     -------
     xr.Dataset on the bin time axis (bin start): band variables float32 (NaN where no valid
-    observation), ``count_<key>`` (uint16) and ``mask_<key>`` = count > 0.
+    observation), ``count_<key>`` (uint16) and ``mask_<key>`` = count > 0;
+    ``attrs["terrafm_modalities"]`` lists the composited modalities.
+
+    Raises
+    ------
+    ValueError
+        No ``time`` dimension, or no band variable of any modality (e.g. only masks).
 
     Examples
     --------
-    >>> monthly = composite(ds, "month")                                     # doctest: +SKIP
-    >>> monthly.count_s2_l2a.max().item() <= ds.sizes["time"]  # doctest: +SKIP
-    True
+    >>> t = pd.to_datetime(["2021-06-01", "2021-06-11", "2021-07-01"])
+    >>> ds = xr.Dataset({"s1_vv": ("time", np.array([0.1, 0.3, 0.0], "float32")),
+    ...                  "s1_vh": ("time", np.array([0.01, 0.02, 0.03], "float32"))}, coords={"time": t})
+    >>> monthly = composite(ds, "month")           # no mask_s1: the registry's rule (power > 0)
+    >>> monthly.s1_vv.values.astype(float).round(3).tolist(), monthly.count_s1.values.tolist()
+    ([0.2, nan], [2, 0])
     """
+    if "time" not in ds.dims:
+        raise ValueError(f"composite needs a 'time' dimension to reduce; the Dataset has dims "
+                         f"({', '.join(map(str, ds.dims))}). A single date has nothing to composite: use it as "
+                         "it is, or give it a time axis with ds.expand_dims(time=[date])")
+    detect_modalities(ds)  # old bare band names: the rename error
+    present = {m.key: [v for v in m.variables if v in ds.data_vars] for m in sensors.MODALITIES.values()}
+    mods = [sensors.MODALITIES[k] for k, names in present.items() if names]
+    if not mods:
+        raise no_modality_error(ds)
     keys, bins = _bins(ds.time, freq)
-    mods = [sensors.MODALITIES[k] for k in detect_modalities(ds)]
     layers = [layer.variable for layer in sensors.LAYERS.values() if layer.variable in ds]
     outs = []
     for b in bins:
         sel = ds.isel(time=np.flatnonzero(keys == b))
         step = xr.Dataset(coords={k: v for k, v in ds.coords.items() if "time" not in v.dims})
         for m in mods:
-            mask = _pixel_valid(sel, m)
-            for name in m.variables:
+            mask = _pixel_valid(sel, m, present[m.key])
+            for name in present[m.key]:
                 step[name] = sel[name].astype("float32").where(mask).median("time", skipna=True)
                 step[name].attrs = dict(ds[name].attrs)
             count = mask.sum("time").astype("uint16")
@@ -211,13 +231,19 @@ def composite(ds: xr.Dataset, freq: str | Sequence = "month") -> xr.Dataset:
     out = xr.concat(outs, dim="time", data_vars="all", coords="different", compat="equals", join="outer")
     for name in layers:
         out[name] = ds[name]
-    out.attrs = dict(ds.attrs, composite=str(freq))
+    out.attrs = dict(ds.attrs, composite=str(freq), terrafm_modalities=[m.key for m in mods])
     return out
 
 
-def _pixel_valid(ds: xr.Dataset, m: sensors.Modality) -> xr.DataArray:
-    mask = ds[m.mask_variable] if m.mask_variable in ds else None
-    return m.pixel_valid([ds[v] for v in m.variables], mask=mask)
+def _pixel_valid(ds: xr.Dataset, m: sensors.Modality, names: Sequence[str]) -> xr.DataArray:
+    """The registry's validity of the present bands ``names``, with ``mask_<key>`` and the
+    quality layer when the Dataset has them."""
+    mask = ds[m.mask_variable].astype(bool) if m.mask_variable in ds else None
+    if m.quality is not None and m.quality_variable in ds:
+        usable = xr.apply_ufunc(m.quality.decode, ds[m.quality_variable], dask="parallelized",
+                                output_dtypes=[bool])
+        mask = usable if mask is None else mask & usable
+    return m.pixel_valid([ds[v] for v in names], mask=mask)
 
 
 def _legacy_names(ds: xr.Dataset) -> dict[str, list[str]]:
