@@ -19,8 +19,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import shutil
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,6 +457,17 @@ def load(
                       for name, (dims, data, attrs) in variables.items()}, coords=coords)
     out.attrs["terrafm_modalities"] = [p.modality.key for p in parts]
     out.attrs["s2_offset_handling"] = s2_offset or "raw"
+    # provenance: the items read and the settings that shape the values (terrafm.embed's resume fingerprint)
+    import hashlib
+    import json
+
+    loaded = sorted((item for group in grouped.values() for item in group), key=lambda i: (i.collection_id or "", i.id))
+    out.attrs["terrafm_items"] = [f"{item.collection_id}/{item.id}" for item in loaded]
+    read = [[item.collection_id, item.id, sorted((k, reading.unsigned(a.href)) for k, a in item.assets.items())]
+            for item in loaded]
+    settings = {"groupby": groupby, "resampling": resampling, "pair_window": str(pair_window),
+                "s2_offset": s2_offset, "keep_scl": keep_scl}
+    out.attrs["terrafm_items_sha256"] = hashlib.sha256(json.dumps([read, settings], default=str).encode()).hexdigest()
     return out
 
 
@@ -612,33 +621,35 @@ def open_sentinel(
     return load(items, aoi, **load_kwargs)
 
 
-def save(ds: xr.Dataset, path: str | os.PathLike, **to_zarr_kwargs: Any) -> Path:
+def save(ds: xr.Dataset, path: str | os.PathLike, overwrite: bool = False, **to_zarr_kwargs: Any) -> Path:
     """Compute ``ds`` into a zarr store atomically: written to a temporary sibling, renamed at the end.
 
-    A failed read (e.g. an asset that disappears) leaves nothing at ``path``.
+    A failed read (e.g. an asset that disappears) leaves ``path`` as it was. An existing ``path``
+    is replaced only with ``overwrite=True``, and only if it is a zarr store, a file or an empty
+    directory (any other directory is refused, whatever ``overwrite``); the store ``ds`` is still
+    read from is never written over (load it first). Checked before anything is read.
 
     Examples
     --------
     >>> save(ds, "aoi.zarr")                                                  # doctest: +SKIP
+    >>> save(ds.isel(time=slice(0, 3)), "aoi.zarr", overwrite=True)           # doctest: +SKIP
     """
     import dask
     from concurrent.futures import ThreadPoolExecutor
 
+    from .store import atomic_output, sources_of
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    # Our own pool, so that after a failed task we can wait for the chunks still being written
-    # before removing the temporary store (dask re-raises at once and leaves its workers running).
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    try:
-        with dask.config.set(pool=pool):
-            ds.to_zarr(tmp, mode="w", **to_zarr_kwargs)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        pool.shutdown(wait=True)
+    with atomic_output(path, overwrite=overwrite, reads=sources_of(ds), what="Dataset being saved") as tmp:
+        # Our own pool, so that after a failed task we can wait for the chunks still being written
+        # before the temporary store is removed (dask re-raises at once and leaves its workers running).
+        pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        try:
+            with dask.config.set(pool=pool):
+                ds.to_zarr(tmp, mode="w", **to_zarr_kwargs)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
     return path

@@ -15,14 +15,24 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+import tempfile
+import uuid
+import warnings
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import xarray as xr
 
-__all__ = ["EMBEDDING_VAR", "open_embedding", "embedding_to_dataset", "serialisable_attrs"]
+__all__ = ["EMBEDDING_VAR", "IncompleteStoreWarning", "open_embedding", "embedding_to_dataset",
+           "serialisable_attrs", "sources_of", "check_output_path", "atomic_output", "is_zarr_store"]
+
+logger = logging.getLogger(__name__)
 
 EMBEDDING_VAR = "embedding_vectors"
 """Name of the embedding array inside a zarr store."""
@@ -97,6 +107,12 @@ def open_embedding(path: str | os.PathLike, chunks: dict | str | None = "auto") 
         Named ``"embedding"``, dims ``([time,] y, x, embedding)``, with the ``valid`` and
         ``valid_<modality>`` coordinates, ``spatial_ref`` and the attrs it was written with.
 
+    Warns
+    -----
+    IncompleteStoreWarning
+        The store's ``terrafm.embed(out=...)`` run has not finished: the warning says how many
+        blocks are missing (their cells are NaN with ``valid=False``) and how to finish them.
+
     Examples
     --------
     >>> emb = open_embedding("aoi.zarr")                                    # doctest: +SKIP
@@ -115,4 +131,259 @@ def open_embedding(path: str | os.PathLike, chunks: dict | str | None = "auto") 
         emb = emb.assign_coords(spatial_ref=ds["spatial_ref"])
     emb.attrs = _restore_attrs(emb.attrs)
     emb.name = "embedding"
+    if "blocks_done" in ds:
+        done = np.asarray(ds["blocks_done"].values)
+        missing = int((done == 0).sum())
+        if missing:
+            warnings.warn(
+                f"{path} is unfinished: {missing} of {done.size} blocks are not computed (their cells are NaN with "
+                f"valid=False). Finish it by rerunning terrafm.embed(ds, ..., out={str(path)!r}) with the same "
+                "Dataset and settings (finished blocks are kept)", IncompleteStoreWarning, stacklevel=2)
     return emb
+
+
+class IncompleteStoreWarning(UserWarning):
+    """:func:`open_embedding` opened a store whose ``terrafm.embed(out=...)`` run has not finished."""
+
+
+# ---------------------------------------------------------------------- where data is read from
+def _local_path(location: Any) -> Path | None:
+    text = os.fspath(location) if isinstance(location, (str, os.PathLike)) else None
+    if not text:
+        return None
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in text:
+        return None
+    return Path(text).expanduser().resolve()
+
+
+def _zarr_array_path(array: Any) -> Path | None:
+    store_path = getattr(array, "store_path", None)
+    store = getattr(store_path, "store", None)
+    if store is None:
+        return None
+    protocol = getattr(getattr(store, "fs", None), "protocol", "file")
+    if isinstance(protocol, str):
+        protocol = (protocol,)
+    if not {"file", "local"} & set(protocol):
+        return None
+    root = getattr(store, "root", None) or getattr(store, "path", None)
+    root = _local_path(root) if root is not None else None
+    return root / store_path.path if root is not None and store_path.path else root
+
+
+def _backing_paths(node: Any, found: set[Path], depth: int = 0) -> None:
+    """Local files behind one lazily-read array (xarray's backend adapters, zarr, rasterio)."""
+    if node is None or depth > 12 or isinstance(node, (np.ndarray, str, bytes, int, float)):
+        return
+    if isinstance(node, (tuple, list)):
+        for item in node:
+            _backing_paths(item, found, depth + 1)
+        return
+    zarr_path = _zarr_array_path(node)
+    if zarr_path is not None:
+        found.add(zarr_path)
+        return
+    get_array = getattr(node, "get_array", None)          # xarray's zarr wrapper
+    if callable(get_array):
+        with contextlib.suppress(Exception):
+            _backing_paths(get_array(), found, depth + 1)
+    manager = getattr(node, "manager", None)              # rioxarray / xarray file managers
+    if manager is not None and callable(getattr(manager, "acquire", None)):
+        with contextlib.suppress(Exception):
+            path = _local_path(getattr(manager.acquire(needs_lock=False), "name", None))
+            if path is not None:
+                found.add(path)
+    inner = getattr(node, "array", None)                  # xarray's lazy indexing adapters
+    if inner is not None and inner is not node:
+        _backing_paths(inner, found, depth + 1)
+
+
+def _dask_sources(array: Any, found: set[Path]) -> None:
+    graph = array.__dask_graph__()
+    layers = getattr(graph, "layers", None)
+    if layers is None:
+        values = graph.values()
+    else:
+        from dask.highlevelgraph import MaterializedLayer
+
+        # the arrays dask reads from sit in materialized layers; blockwise layers only compute
+        values = (v for layer in layers.values() if isinstance(layer, MaterializedLayer) for v in layer.values())
+    for value in values:
+        if type(value).__module__.startswith("dask."):
+            continue
+        _backing_paths(value, found)
+
+
+def sources_of(obj: Any) -> set[Path]:
+    """Local zarr stores and files a (dask-backed) xarray object still reads lazily.
+
+    Found in the dask graph (stores and files opened through xarray, rioxarray or
+    ``dask.array.from_zarr``), so an object derived lazily from a store
+    (``open_embedding(p).isel(...) * 2``) still names it. A loaded object (``obj.load()``) reads
+    nothing; remote sources (``s3://``, ``https://``) are not listed.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, xarray as xr
+    >>> path = Path(tempfile.mkdtemp()) / "a.zarr"
+    >>> _ = xr.Dataset({"a": ("x", np.arange(4.0))}).to_zarr(path, consolidated=False)
+    >>> sources_of(xr.open_zarr(path)["a"] * 2) == {path.resolve() / "a"}
+    True
+    >>> sources_of(xr.open_zarr(path).load())
+    set()
+    """
+    found: set[Path] = set()
+    for item in (obj if isinstance(obj, (list, tuple)) else [obj]):
+        if isinstance(item, xr.Dataset):
+            variables = list(item.variables.values())
+        elif isinstance(item, xr.DataArray):
+            variables = [item.variable, *(c.variable for c in item.coords.values())]
+        else:
+            continue
+        for variable in variables:
+            if variable.chunks is not None:
+                _dask_sources(variable.data, found)
+    return found
+
+
+# ---------------------------------------------------------------------- safe writing
+def is_zarr_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory holding a zarr store (v2 or v3 metadata at its root).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> is_zarr_store(tempfile.mkdtemp())
+    False
+    """
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def _listing(path: Path, limit: int = 3) -> str:
+    names = sorted(p.name for p in path.iterdir())
+    return ", ".join(repr(n) for n in names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, reads: Iterable[Path] = (),
+                      what: str = "data being written") -> Path:
+    """Check that ``path`` can be written before any work starts; return it as a ``Path``.
+
+    The rules (README, "Embeddings"): never write into or over what the data being written is
+    still read from (``reads``, e.g. :func:`sources_of`), even with ``overwrite=True``; an existing
+    ``path`` is replaced only with ``overwrite=True``, and only if it is a file, a zarr store or an
+    empty directory (another directory is never deleted, whatever ``overwrite``); the nearest
+    existing parent must be a writable directory (missing parents are created when writing).
+
+    Raises
+    ------
+    ValueError
+        ``path`` is (inside, or a parent of) a source of the data.
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False.
+    IsADirectoryError
+        ``path`` is a directory that is not a zarr store.
+    NotADirectoryError, PermissionError
+        The parent is a file, or not writable.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> check_output_path(folder / "new.zarr").name
+    'new.zarr'
+    >>> (folder / "notes.txt").write_text("mine")
+    4
+    >>> check_output_path(folder / "notes.txt")
+    Traceback (most recent call last):
+    ...
+    FileExistsError: ...notes.txt exists and was not written by this run: pass overwrite=True to replace it, or choose another path
+    """
+    given = Path(path).expanduser()
+    target = given.resolve()
+    for source in reads:
+        if _overlaps(target, Path(source)):
+            raise ValueError(
+                f"{given} is where the {what} is still read from ({source}): writing there would destroy its "
+                "own input. Write to another path, or load the data into memory first (obj.load()) and pass "
+                "overwrite=True")
+    if target.exists():
+        if target.is_dir() and any(target.iterdir()) and not is_zarr_store(target):
+            raise IsADirectoryError(
+                f"{given} is a directory that is not a zarr store (it holds {_listing(target)}); terrafm replaces "
+                "files and zarr stores (with overwrite=True), never other directories: choose another path")
+        if not overwrite:
+            raise FileExistsError(f"{given} exists and was not written by this run: pass overwrite=True to "
+                                  "replace it, or choose another path")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {given}: {parent} is a file, not a directory; choose a path in a "
+                                 "directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".terrafm-write-check-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise PermissionError(f"cannot write {given}: {parent} is not writable ({exc.strerror}); choose a "
+                              "writable path") from None
+    return target
+
+
+def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
+    """A hidden, unused name next to ``path`` (same file system, so a rename is atomic)."""
+    return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}{path.suffix}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def replace_with(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``, replacing what is there; the old one is removed only afterwards."""
+    if not target.exists():
+        os.replace(new, target)
+    elif target.is_file() and new.is_file():
+        os.replace(new, target)            # atomic
+    else:
+        old = temporary_sibling(target, "old")
+        os.replace(target, old)
+        os.replace(new, target)
+        _remove(old)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False, reads: Iterable[Path] = (),
+                  what: str = "data being written") -> Iterator[Path]:
+    """Write through a temporary sibling of ``path``, renamed onto it when the block succeeds.
+
+    Checks ``path`` first (:func:`check_output_path`). A failure leaves ``path`` as it was and
+    removes the temporary sibling.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "result.txt"
+    >>> with atomic_output(target) as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> target.read_text()
+    'done'
+    """
+    target = check_output_path(path, overwrite=overwrite, reads=reads, what=what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(target)
+    try:
+        yield tmp
+        replace_with(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
