@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
+from ._checks import require_int, require_positive
 from ._grid import EMBEDDING_DIM, check_embedding, flatten_valid, unflatten, valid_mask
 from .labels import labels_to_grid
 
@@ -29,8 +30,18 @@ class Classifier:
     report: dict = field(default_factory=dict)
 
     def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
-        """(n, n_classes) class probabilities for raw vectors."""
-        if vectors.shape[1] != self.train_vectors.shape[1]:
+        """(n, n_classes) class probabilities for raw vectors.
+
+        Examples
+        --------
+        >>> clf.predict_proba(emb.values[5, 5][None])   # one vector: (1, n_classes)  # doctest: +SKIP
+        """
+        vectors = np.asarray(vectors)
+        depth = self.train_vectors.shape[1]
+        if vectors.ndim != 2:
+            raise ValueError(f"predict_proba takes vectors of shape (n, {depth}), got shape {vectors.shape}; "
+                             "for one vector pass vector[None]")
+        if vectors.shape[1] != depth:
             raise ValueError(
                 f"classifier was trained on {self.train_vectors.shape[1]}-dim embeddings, got {vectors.shape[1]}; "
                 "embed with the same model"
@@ -76,7 +87,7 @@ def _make_model(method: str, seed: int):
 
 
 def _fit(method, vectors, targets, n_classes, k, temperature, seed) -> Classifier:
-    clf = Classifier(method, list(range(n_classes)), vectors, targets, k=k, temperature=temperature)
+    clf = Classifier(method, list(range(n_classes)), vectors, targets, k=min(k, len(vectors)), temperature=temperature)
     if method == "linear":
         clf.model = _make_model(method, seed).fit(vectors, targets)
         # sklearn only knows the classes it saw; expand to all classes
@@ -120,11 +131,23 @@ def fit_classifier(
     labels : GeoDataFrame or xr.DataArray
         Points/polygons with a ``column`` of classes (any CRS, reprojected), or a label raster such
         as ESA WorldCover (resampled to the grid with mode when finer, nearest when coarser).
+    column : str
+        The GeoDataFrame column holding the classes. -1 and missing values are unlabelled
+        (ignored); see :func:`labels_to_grid` for what else is refused.
     method : {"knn", "linear"}
         DINO-weighted cosine kNN (paper protocol) or a standardised logistic-regression probe.
+    k : int
+        Neighbours for ``method="knn"``: at most the number of labelled positions (an error
+        otherwise); a cross-validation fold with fewer training positions uses them all.
+    temperature : float
+        kNN vote temperature (> 0; the DINO protocol uses 0.07).
     block_size : int
         CV blocks are ``block_size``×``block_size`` grid cells, so train and test folds are spatially
         separated (neighbouring cells are strongly correlated).
+    n_folds : int
+        Cross-validation folds (>= 2; fewer when there are fewer blocks).
+    seed : int
+        Seed of the linear probe.
 
     Returns
     -------
@@ -142,6 +165,10 @@ def fit_classifier(
 
     if method not in ("knn", "linear"):
         raise ValueError(f"method must be 'knn' or 'linear', got {method!r}")
+    k = require_int("k", k, fix="e.g. k=10 (the number of nearest labelled positions that vote)")
+    require_positive("temperature", temperature, fix="the DINO kNN protocol uses temperature=0.07")
+    block_size = require_int("block_size", block_size, fix="cross-validation blocks are block_size x block_size cells, e.g. 8")
+    n_folds = require_int("n_folds", n_folds, minimum=2, fix="cross-validation needs at least 2 folds, e.g. 5")
     check_embedding(emb)
     if "time" in emb.dims:
         if emb.sizes["time"] != 1:
@@ -162,6 +189,10 @@ def fit_classifier(
             f"labels contain a single class ({classes[present[0]]!r}) on valid positions; a classifier needs "
             "at least two — add examples of other classes (e.g. a 'background' class)"
         )
+    if method == "knn" and k > len(targets):
+        raise ValueError(
+            f"k={k} neighbours but only {len(targets)} labelled positions fall on valid embedding cells; lower k "
+            f"(at most {len(targets)}) or add labels")
     data = np.asarray(emb.transpose("y", "x", EMBEDDING_DIM).values, dtype=np.float32)
     vectors = data[rows, cols]
 
