@@ -28,7 +28,8 @@ import xarray as xr
 
 from . import prepare, sensors
 from .engine import ModalityInput
-from .store import EMBEDDING_VAR, open_embedding, serialisable_attrs
+from .store import (EMBEDDING_VAR, check_output_path, open_embedding, replace_with, serialisable_attrs,
+                    sources_of, temporary_sibling)
 from .sensors import PATCH_SIZE
 
 __all__ = ["embed", "prepare_inputs"]
@@ -130,24 +131,208 @@ def _build_model(model: Any, weights: str | os.PathLike | None):
 
 
 # ---------------------------------------------------------------------- zarr
-def _fingerprint(model, grid, level, keys, has_time, times) -> dict:
+SAMPLE_WINDOW = 32
+"""Side in pixels of the windows whose values fingerprint an input without STAC provenance."""
+
+
+def _weights_digest(model) -> str:
+    """The checkpoint file's sha256, or a hash of the state dict (weights=None, a model object)."""
+    sha = getattr(model, "checkpoint_sha256", None)
+    if sha:
+        return f"file-sha256:{sha}"
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return f"state-dict-sha256:{digest.hexdigest()}"
+
+
+def _input_digest(ds: xr.Dataset, arrays: dict[str, ModalityInput], has_time: bool) -> str:
+    """What the input's values are: the STAC items ``terrafm.stac.load`` recorded, else the
+    Dataset's coordinates and a deterministic sample of the values the model reads."""
+    import hashlib
+
+    recorded = ds.attrs.get("terrafm_items_sha256")
+    if isinstance(recorded, str) and recorded:
+        return f"stac-items-sha256:{recorded}"
+    digest = hashlib.sha256()
+
+    def update(name: str, values: Any) -> None:
+        values = np.ascontiguousarray(np.asarray(values))
+        if values.dtype.kind in "OUS":
+            values = np.asarray([str(v) for v in values.ravel()])
+            digest.update(f"{name}:{values.dtype}:{values.shape};{'|'.join(values)}".encode())
+            return
+        digest.update(f"{name}:{values.dtype}:{values.shape};".encode())
+        digest.update(values.view(np.uint8).ravel())
+
+    for name in sorted(map(str, ds.coords)):
+        coord = ds.coords[name]
+        if coord.chunks is None and coord.size <= 1_000_000:
+            update(name, coord.values)
+    height, width = ds.sizes["y"], ds.sizes["x"]
+    half = SAMPLE_WINDOW // 2
+    corners = sorted({(max(0, min(height - SAMPLE_WINDOW, cy - half)), max(0, min(width - SAMPLE_WINDOW, cx - half)))
+                      for cy, cx in ((height // 2, width // 2), (height // 4, width // 4))})
+    n_times = ds.sizes["time"] if has_time else 1
+    times = sorted({0, n_times // 2, n_times - 1})
+    names, windows = [], []
+    for key in sorted(arrays):
+        for part, array in zip(("data", "mask"), arrays[key][:2]):
+            for t in times:
+                for y0, x0 in corners:
+                    window = {"y": slice(y0, y0 + SAMPLE_WINDOW), "x": slice(x0, x0 + SAMPLE_WINDOW)}
+                    if has_time and "time" in array.dims:
+                        window["time"] = t
+                    names.append(f"{key}.{part}[t={t},y={y0},x={x0}]")
+                    windows.append(array.isel(window).data)
+    import dask
+
+    for name, values in zip(names, dask.compute(*windows)):
+        update(name, values)
+    return f"sample-sha256:{digest.hexdigest()}"
+
+
+def _precision_used(device: Any, precision: str) -> str:
+    from .model import autocast_dtype, resolve_device
+
+    dtype = autocast_dtype(resolve_device(device), precision)
+    return "fp32" if dtype is None else str(dtype).replace("torch.bfloat16", "bf16").replace("torch.float16", "fp16")
+
+
+def _fingerprint(model, grid, level, keys, has_time, times, *, block_chips: int, precision: str,
+                 input_digest: str) -> dict:
+    """Everything that changes a store's values or layout (a resume must match every field)."""
     gbox = grid.geobox
     return {
         "model": getattr(getattr(model, "config", None), "name", type(model).__name__),
-        "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
+        "weights": _weights_digest(model),
         "fusion": getattr(model, "fusion_mode", None),
         "embed_dim": int(model.embed_dim),
-        "level": level, "chip_size": grid.chip_size, "margin": grid.margin,
+        "level": level, "chip_size": grid.chip_size, "overlap": grid.margin, "block_chips": int(block_chips),
+        "precision": precision,
         "modalities": list(keys),
+        "input": input_digest,
         "crs": str(gbox.crs), "transform": [float(v) for v in tuple(gbox.affine)[:6]],
         "shape": [int(v) for v in gbox.shape],
         "time": [str(t) for t in times] if has_time else None,
     }
 
 
-def _describe_mismatch(old: dict, new: dict) -> str:
-    return ", ".join(f"{k}: zarr has {old.get(k)!r}, this run {new.get(k)!r}"
-                     for k in new if old.get(k) != new.get(k))
+_HOW_TO_MATCH = {
+    "model": "the store's model ({old})",
+    "weights": "the store's weights (the same checkpoint file, or the same model object)",
+    "fusion": "a model whose fusion_mode is {old}",
+    "embed_dim": "a model of width {old}",
+    "level": "level={old}",
+    "chip_size": "chip_size={old}",
+    "overlap": "overlap={old}",
+    "block_chips": "block_chips={old} (the store's blocks; batch_size lowers memory too)",
+    "precision": "precision={old}",
+    "modalities": "modalities={old}",
+    "input": "the same input data (the same STAC items or Dataset values)",
+    "crs": "the same area (the store's grid)",
+    "transform": "the same area (the store's grid)",
+    "shape": "the same area (the store's grid)",
+    "time": "the same dates",
+}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    if isinstance(value, str) and ":" in value and len(value) > 40:   # a digest: its kind and first hex digits
+        kind, _, hexdigits = value.partition(":")
+        text = repr(f"{kind}:{hexdigits[:16]}...")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _mismatch_error(out: Path, old: dict, new: dict) -> ValueError:
+    fields = [k for k in new if old.get(k) != new.get(k)]
+    details = "; ".join(
+        f"{k}: the store has {_shown(old[k])}, this run {_shown(new[k])}" if k in old
+        else f"{k}: the store does not record it (written by an older terrafm), this run {_shown(new[k])}"
+        for k in fields)
+    fixes = []
+    for k in fields:
+        fix = _HOW_TO_MATCH.get(k, "{old}").format(old=_shown(old.get(k)))
+        if fix not in fixes:
+            fixes.append(fix)
+    return ValueError(
+        f"{out} holds embeddings of another run ({details}); refusing to mix them. To resume it, run with "
+        f"{'; '.join(fixes)}. Or pass overwrite=True to recompute the whole store (the old one is replaced only "
+        "once the new one is complete), or choose another out= path.")
+
+
+def _stored_run(path: Path) -> dict | None:
+    """The fingerprint of a terrafm embedding store at ``path``; None if it is not one."""
+    import zarr
+
+    if not path.is_dir():
+        return None
+    try:
+        run = zarr.open_group(str(path), mode="r").attrs.get("terrafm_run")
+        return json.loads(run) if isinstance(run, str) else None
+    except Exception:
+        return None
+
+
+def _check_out(out: str | os.PathLike, overwrite: bool, ds: xr.Dataset) -> Path:
+    """Before any compute: ``out`` is writable, is not what ``ds`` reads, and an existing
+    ``out`` is a terrafm embedding store (resumed) or may be replaced (``overwrite=True``)."""
+    target = Path(out).expanduser().resolve()
+    resumable = target.exists() and _stored_run(target) is not None
+    try:
+        check_output_path(out, overwrite=overwrite or resumable, reads=sources_of(ds), what="input Dataset")
+    except FileExistsError:
+        raise FileExistsError(f"{out} exists and is not a terrafm embedding store (terrafm.embed resumes only "
+                              "its own stores): choose another out= path, or pass overwrite=True to replace it"
+                              ) from None
+    return target
+
+
+def _create_store(path: Path, template: xr.Dataset) -> None:
+    """Write the store's metadata into a temporary sibling and rename it to ``path``: a store at
+    ``path`` always has its complete layout."""
+    tmp = temporary_sibling(path, "creating")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        template.to_zarr(tmp, compute=False, consolidated=False, mode="w-")
+        os.rename(tmp, path)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _store_to_write(target: Path, fp: dict, template, overwrite: bool, resume: bool) -> Path:
+    """Where this run writes its blocks: ``target`` itself (new or resumed), or with
+    ``overwrite=True`` over an existing path a resumable partial sibling renamed onto ``target``
+    when complete."""
+    if not target.exists():
+        _create_store(target, template())
+        return target
+    if not overwrite:
+        old = _stored_run(target)
+        if old != fp:
+            raise _mismatch_error(target, old or {}, fp)
+        return target
+    partial = target.with_name(f".{target.name}.partial")
+    if partial.exists() and (not resume or _stored_run(partial) != fp):
+        import shutil
+
+        logger.info("removing %s (an unfinished overwrite of %s with other settings)", partial, target)
+        shutil.rmtree(partial)
+    if partial.exists():
+        logger.info("resuming the overwrite of %s in %s", target, partial)
+    else:
+        _create_store(partial, template())
+    return partial
 
 
 def _template(coords_y, coords_x, times, has_time, d, blocks_shape, keys, chunks, crs_coord) -> xr.Dataset:
@@ -211,7 +396,8 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
           level: str = "patch", chip_size: int = 224, overlap: int | None = None,
           batch_size: int = 16, device: Any = "auto", modalities: Sequence[str] | None = None,
           out: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
-          precision: str = "auto", block_chips: int = 4, client: Any = None) -> xr.DataArray:
+          precision: str = "auto", block_chips: int = 4, client: Any = None,
+          overwrite: bool = False) -> xr.DataArray:
     """Embed a Sentinel-1/2 Dataset with TerraFM into a georeferenced DataArray.
 
     Parameters
@@ -236,13 +422,20 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         Restrict to these modality keys (default: all present).
     out : path, optional
         A zarr store written block by block; rerunning resumes (skips finished blocks). A store
-        from another model, area or configuration is refused.
+        whose fingerprint differs in anything that changes its values or layout (model weights,
+        input data, precision, chip size, overlap, block_chips, modalities, fusion, level, area,
+        dates) is refused, naming the field. ``out`` is checked before any compute: writable, not
+        the store the input is read from, and not an existing path other than a terrafm store.
     resume : bool
         False recomputes every block of a matching store.
+    overwrite : bool
+        Replace what is at ``out`` (a refused store, a file or another zarr store; never a directory
+        that is not a store): the new store is built next to it (``.<name>.partial``, resumable by
+        rerunning with ``overwrite=True``) and renamed onto ``out`` once complete.
     progress : bool
         Show a tqdm bar.
     block_chips : int
-        Chips per block side (unit of reading, writing and resuming).
+        Chips per block side (unit of reading, writing and resuming; part of a store's layout).
     client : distributed.Client, optional
         Run blocks on a dask cluster, one model per worker (see the module docstring).
 
@@ -280,7 +473,10 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         raise ValueError(f"the area is {gbox.shape[0]}x{gbox.shape[1]} px, smaller than one "
                          f"{chip_size} px chip; use a larger bbox or a smaller chip_size "
                          f"(multiple of 16, e.g. {max(16, min(gbox.shape) // 16 * 16)})")
+    if isinstance(block_chips, bool) or not isinstance(block_chips, (int, np.integer)) or block_chips < 1:
+        raise ValueError(f"block_chips={block_chips!r} must be a positive integer (chips per block side), e.g. 4")
     arrays, has_time = prepare_inputs(ds, modalities)
+    target = _check_out(out, overwrite, ds) if out is not None else None
     keys = list(arrays)
     times = ds["time"].values if has_time else None
     net = _build_model(model, weights)
@@ -293,39 +489,37 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     blocks = plan_blocks(grid, level, block_chips)
     blocks_shape = (max(b.by for b in blocks) + 1, max(b.bx for b in blocks) + 1)
     d = int(net.embed_dim)
-    fp = _fingerprint(net, grid, level, keys, has_time, times)
     n_t = len(times) if has_time else 1
     steps = [(t, b) for t in range(n_t) for b in blocks]
 
-    attrs = {"model": fp["model"], "checkpoint_sha256": fp["checkpoint_sha256"] or "", "fusion": fp["fusion"] or "",
+    attrs = {"model": getattr(getattr(net, "config", None), "name", type(net).__name__),
+             "checkpoint_sha256": getattr(net, "checkpoint_sha256", None) or "",
+             "fusion": getattr(net, "fusion_mode", None) or "",
              "modalities": keys, "normalization": NORMALIZATION, "terrafm_version": __version__,
              "level": level, "chip_size": int(chip_size), "overlap": int(margin)}
     store_done = None
-    if out is not None:
-        out = Path(out)
+    write_to = None
+    if target is not None:
+        fp = _fingerprint(net, grid, level, keys, has_time, times, block_chips=block_chips,
+                          precision=_precision_used(device, precision),
+                          input_digest=_input_digest(ds, arrays, has_time))
         chunks = (blocks[0].out_y.stop - blocks[0].out_y.start, blocks[0].out_x.stop - blocks[0].out_x.start)
-        if out.exists():
-            try:
-                old = json.loads(xr.open_zarr(out, consolidated=False).attrs.get("terrafm_run", "null"))
-            except Exception as exc:
-                raise ValueError(f"{out} exists but is not a terrafm embedding zarr ({exc}); "
-                                 "choose another out= path or delete it") from exc
-            if old != fp:
-                raise ValueError(f"{out} holds embeddings of another run ({_describe_mismatch(old or {}, fp)}); "
-                                 "refusing to mix them. Choose another out= path or delete the store.")
-        else:
+
+        def template() -> xr.Dataset:
             tmpl = _template(coords["y"].values, coords["x"].values, times, has_time, d, blocks_shape,
                              keys, chunks, coords["spatial_ref"])
             tmpl.attrs["terrafm_run"] = json.dumps(fp)
             tmpl[EMBEDDING_VAR].attrs = serialisable_attrs(attrs)
-            tmpl.to_zarr(out, compute=False, consolidated=False, mode="w-")
+            return tmpl
+
+        write_to = _store_to_write(target, fp, template, overwrite, resume)
         import zarr
 
-        done_arr = np.asarray(zarr.open_group(str(out), mode="r")["blocks_done"][...])
+        done_arr = np.asarray(zarr.open_group(str(write_to), mode="r")["blocks_done"][...])
         store_done = done_arr.reshape((n_t,) + blocks_shape)
         if resume:
             steps = [(t, b) for t, b in steps if not store_done[t, b.by, b.bx]]
-        logger.info("%s: %d of %d blocks to compute", out, len(steps), n_t * len(blocks))
+        logger.info("%s: %d of %d blocks to compute", write_to, len(steps), n_t * len(blocks))
     else:
         emb = np.full(((n_t,) + out_gbox.shape.yx + (d,)), np.nan, "float32")
         valid = np.zeros((n_t,) + out_gbox.shape.yx, bool)
@@ -338,8 +532,8 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
                                    for v in source)) for k, source in arrays.items()}
 
     def collect(t, result):
-        if out is not None:
-            _write_block(out, result, t if has_time else None, keys)
+        if write_to is not None:
+            _write_block(write_to, result, t if has_time else None, keys)
             return
         b = result.block
         emb[t, b.out_y, b.out_x] = result.embedding
@@ -357,7 +551,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
             model_key = uuid.uuid4().hex
             futures = [client.submit(_block_task, model_key, model_ref, arrays_at(t), grid, level, b,
                                      block_chips, batch_size, device, precision,
-                                     str(out) if out is not None else None, t if has_time else None,
+                                     str(write_to) if write_to is not None else None, t if has_time else None,
                                      keys, pure=False) for t, b in steps]
             from distributed import as_completed
 
@@ -380,8 +574,11 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         if hasattr(net, "fold_for_inference"):
             net.fold_for_inference(was_folded)
 
-    if out is not None:
-        result = open_embedding(out)
+    if write_to is not None:
+        if write_to != target:
+            replace_with(write_to, target)
+            logger.info("%s replaced by the recomputed store", target)
+        result = open_embedding(target)
     else:
         lead = ("time",) if has_time else ()
         sq = (lambda a: a) if has_time else (lambda a: a[0])
