@@ -461,6 +461,8 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         ds = ds.to_dataset(name=ds.name or "data") if ds.name in sensors.MODALITIES else ds.to_dataset(dim="band")
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"ds must be an xarray Dataset, got {type(ds).__name__}")
+    from .validate import check_dataset   # grid (south-up rows flipped), values, model: before any compute
+    ds = check_dataset(ds, modalities, model=model)
     if level not in ("patch", "chip"):
         raise ValueError(f"level={level!r}; use 'patch' (160 m grid) or 'chip' (one vector per chip)")
     gbox = _geobox(ds)

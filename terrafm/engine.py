@@ -237,22 +237,31 @@ class Engine:
 
     def process(self, grid: ChipGrid, block: Block, level: str, chips: list[Chip],
                 images: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> BlockResult:
-        """Batch a read block through the model, crop chip interiors and stitch them."""
+        """Batch a read block through the model, crop chip interiors and stitch them.
+
+        An output vector that is not finite (NaN or inf: a model with bad parameters, inputs that
+        overflow) is marked invalid like a position without data; their count is logged.
+        """
         h, w = block.out_y.stop - block.out_y.start, block.out_x.stop - block.out_x.start
         d = self.model.embed_dim
         emb = np.full((h, w, d), np.nan, "float32")
         valid = np.zeros((h, w), bool)
         mvalid = {k: np.zeros((h, w), bool) for k in images}
         m = grid.margin // PATCH_SIZE
+        non_finite = 0
         for start in range(0, len(chips), self.batch_size):
             sl = slice(start, start + self.batch_size)
             cls, patch, pvalid = self.forward({k: v[sl] for k, v in images.items()},
                                               {k: v[sl] for k, v in masks.items()})
             patch_masks = {k: patch_valid(v[sl], PATCH_SIZE) for k, v in masks.items()}
+            cls_finite = np.isfinite(cls).all(-1)
+            patch_finite = np.isfinite(patch).all(-1)
             for i, chip in enumerate(chips[sl]):
                 if level == "chip":
                     oy, ox = chip.row - block.out_y.start, chip.col - block.out_x.start
                     ok = bool(pvalid[i].any())
+                    non_finite += ok and not cls_finite[i]
+                    ok = ok and bool(cls_finite[i])
                     valid[oy, ox] = ok
                     emb[oy, ox] = cls[i] if ok else np.nan
                     for k in images:
@@ -261,12 +270,18 @@ class Engine:
                 oy, ox = chip.py0 - block.out_y.start, chip.px0 - block.out_x.start
                 inner = (slice(m, m + chip.ph), slice(m, m + chip.pw))
                 ok = pvalid[i][inner]
+                non_finite += int((ok & ~patch_finite[i][inner]).sum())
+                ok = ok & patch_finite[i][inner]
                 tile = patch[i][inner].copy()
                 tile[~ok] = np.nan
                 emb[oy:oy + chip.ph, ox:ox + chip.pw] = tile
                 valid[oy:oy + chip.ph, ox:ox + chip.pw] = ok
                 for k in images:
                     mvalid[k][oy:oy + chip.ph, ox:ox + chip.pw] = patch_masks[k][i][inner]
+        if non_finite:
+            logger.warning("block (%d, %d): %d of %d output positions are NaN/inf and are marked invalid "
+                           "(model parameters not finite, or inputs that overflow float32)",
+                           block.by, block.bx, non_finite, h * w)
         return BlockResult(block, emb, valid, mvalid)
 
     # ------------------------------------------------------------------ pipeline

@@ -41,11 +41,20 @@ __all__ = [
     "MODALITIES", "LAYERS", "RELEASE_MODALITIES", "register_modality", "unregister_modality",
     "register_layer", "get_modality", "S2_BANDS", "S1_BANDS", "PATCH_SIZE", "MIN_VALID_FRACTION",
     "NORMALIZATION_FORMULA", "FILL_VALUE", "patch_valid", "linear_to_db", "normalize", "denormalize",
-    "fill_missing_bands", "validate_bands",
+    "fill_missing_bands", "validate_bands", "Plausibility", "UnitMistake", "PIXEL_SIZE", "VALIDATION_RULES",
 ]
 
 PATCH_SIZE = 16
 """Side of one ViT patch in pixels (160 m at 10 m resolution)."""
+
+PIXEL_SIZE = 10.0
+"""Ground size in metres of one input pixel, the model's (every modality is read on a 10 m grid)."""
+
+NONPOSITIVE_WARN_FRACTION = 0.05
+"""A ``positive`` modality warns when at least this fraction of its sampled values is <= 0."""
+
+VALIDATION_RULES = "README, 'Validation rules'"
+"""Where the input checks are documented; error messages point there."""
 
 MIN_VALID_FRACTION = 0.5
 """A 16 x 16 patch counts as valid for a modality when at least this fraction of its pixels is."""
@@ -190,6 +199,69 @@ class MajorTOM:
 
 
 @dataclass(frozen=True)
+class UnitMistake:
+    """A known way of handing a modality's values in the wrong unit, recognised on a sample.
+
+    The values look like ``looks_like`` when at least ``fraction`` of the sampled values (finite,
+    not nodata) lie in ``[low, high)``: a range that values in the right unit essentially never
+    fill (Sentinel-1 linear power is never mostly negative; Sentinel-2 DN are never mostly <= 2).
+
+    Examples
+    --------
+    >>> db = MODALITIES["s1"].plausible.mistakes[0]
+    >>> db.looks_like, db.matches(np.array([-12.0, -18.5, -7.0])), db.matches(np.array([0.06, 0.01, 0.2]))
+    ('dB', True, False)
+    """
+
+    looks_like: str
+    low: float
+    high: float
+    fraction: float
+    fix: str
+
+    def matches(self, values: np.ndarray) -> bool:
+        """Whether ``values`` (finite, nodata removed) look like this mistake."""
+        values = np.asarray(values)
+        if values.size == 0:
+            return False
+        return self.share(values) >= self.fraction
+
+    def share(self, values: np.ndarray) -> float:
+        """Fraction of ``values`` in ``[low, high)``."""
+        return float(((values >= self.low) & (values < self.high)).mean()) if np.size(values) else 0.0
+
+
+@dataclass(frozen=True)
+class Plausibility:
+    """What stored values of a modality can be, checked on a sample before any model work.
+
+    Attributes
+    ----------
+    dtypes : tuple of str
+        Accepted stored dtypes (anything else, e.g. int8, bool or complex, is refused).
+    range : (float, float)
+        Values a valid pixel can hold (nodata excluded); any sampled value outside is an error.
+    typical : (float, float)
+        Where the median of a real scene's valid values lies; outside it is a warning.
+    mistakes : tuple of UnitMistake
+        Wrong units recognised on the sample, each with its fix (errors).
+    dtype_fix : str
+        How to get an accepted dtype.
+
+    Examples
+    --------
+    >>> MODALITIES["s2_l2a"].plausible.range
+    (0.0, 65535.0)
+    """
+
+    dtypes: tuple[str, ...]
+    range: tuple[float, float]
+    typical: tuple[float, float]
+    mistakes: tuple[UnitMistake, ...] = ()
+    dtype_fix: str = ""
+
+
+@dataclass(frozen=True)
 class Modality:
     """Everything terrafm knows about one model input; see the module docstring.
 
@@ -230,6 +302,9 @@ class Modality:
     majortom : MajorTOM, optional
     cloud_cover : str, optional
         Item property stating the scene's cloud cover (optical modalities), for ``max_cloud``.
+    plausible : Plausibility, optional
+        Accepted dtypes, plausible and typical value ranges, recognised unit mistakes
+        (:meth:`check_values`, run by :mod:`terrafm.validate` before any model work).
     """
 
     key: str
@@ -251,6 +326,7 @@ class Modality:
     product_hints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     majortom: MajorTOM | None = None
     cloud_cover: str | None = None
+    plausible: Plausibility | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -390,6 +466,149 @@ class Modality:
         self.normalize(x, channel_axis=-3, inplace=True)
         np.copyto(x, np.float32(FILL_VALUE), where=~np.expand_dims(valid, -3))
         return x, valid
+
+    # ---------------------------------------------------------------- plausibility (terrafm.validate)
+    def check_values(self, stored, mask=None) -> tuple[list[str], list[str]]:
+        """Check a sample of stored values against :attr:`plausible`: ``(errors, warnings)``.
+
+        ``stored``: the modality's bands on axis -3 (``(..., C, y, x)``, e.g. a few windows
+        stacked), ``mask``: the Dataset's ``mask_<key>`` on the same windows. In this order: the
+        dtype; the recognised unit mistakes (on every finite non-nodata value); values of valid
+        pixels (:meth:`pixel_valid`) outside the plausible range; then warnings for a median
+        outside the typical range and, for a ``positive`` modality, many values <= 0.
+
+        Examples
+        --------
+        >>> s1 = MODALITIES["s1"]
+        >>> errors, warnings = s1.check_values(np.full((2, 4, 4), -15.0, "float32"))
+        >>> errors[0][:73]
+        's1 looks like dB (100% of sampled values in [-100, 0)): pass linear power'
+        >>> s1.check_values(np.full((2, 4, 4), 0.05, "float32"))
+        ([], [])
+        """
+        rule = self.plausible
+        if rule is None:
+            return [], []
+        stored = np.asarray(stored)
+        dtype = np.dtype(stored.dtype)
+        if dtype.name not in rule.dtypes:
+            return [f"{self.key} bands have dtype {dtype.name}; {self.key} stores {self.units} as one of "
+                    f"{list(rule.dtypes)}: {rule.dtype_fix}"], []
+        values = stored.astype(np.float64)
+        present = np.isfinite(values) & (values != self.nodata)
+        sampled = values[present]
+        if sampled.size == 0:
+            return [], []
+        for mistake in rule.mistakes:
+            if mistake.matches(sampled):
+                return [f"{self.key} looks like {mistake.looks_like} ({mistake.share(sampled):.0%} of sampled "
+                        f"values in [{mistake.low:g}, {mistake.high:g})): {mistake.fix}"], []
+        errors, warnings = [], []
+        valid = self.pixel_valid(stored, mask=None if mask is None else np.asarray(mask))
+        in_valid = np.moveaxis(values, -3, -1)[valid]         # (n valid pixels, C)
+        low, high = rule.range
+        outside = in_valid[(in_valid < low) | (in_valid > high)]
+        if outside.size:
+            common, counts = np.unique(outside, return_counts=True)
+            worst = float(common[counts.argmax()])
+            marker = counts.max() >= outside.size / 2 and worst.is_integer() and abs(worst) < 1e6
+            overflow = np.abs(outside).max() > np.finfo(np.float32).max
+            errors.append(
+                f"{self.key}: {outside.size / max(in_valid.size, 1):.1%} of sampled values of valid pixels are "
+                f"outside the plausible range [{low:g}, {high:g}] of {self.units} (most common: {worst:g}"
+                + (", a nodata marker?" if marker else "")
+                + ("; values beyond float32's range overflow to inf" if overflow else "") + "). "
+                + (f"Set nodata to the registered {self.nodata:g} (ds[v] = ds[v].where(ds[v] != {worst:g}, "
+                   f"{self.nodata:g})) or mark those pixels False in {self.mask_variable}" if marker else
+                   f"Pass {self.units} ({self.description}), or mark impossible pixels False in "
+                   f"{self.mask_variable}"))
+        if errors:
+            return errors, warnings
+        if in_valid.size:
+            median = float(np.median(in_valid))
+            if not rule.typical[0] <= median <= rule.typical[1]:
+                warnings.append(
+                    f"{self.key}: the median of the sampled valid values is {median:.4g}, outside the typical "
+                    f"[{rule.typical[0]:g}, {rule.typical[1]:g}] {self.units} of real scenes: check the unit "
+                    f"({self.description})")
+        if self.positive:
+            share = float((sampled <= 0).mean())
+            if share >= NONPOSITIVE_WARN_FRACTION:
+                warnings.append(f"{self.key}: {share:.0%} of sampled values are <= 0 and count as invalid "
+                                f"({self.units} must be > 0); if part of the data is in another unit, convert it")
+        return errors, warnings
+
+    def check_mask(self, mask) -> list[str]:
+        """Check a sample of ``mask_<key>``: bool, or integers/floats holding only 0 and 1.
+
+        Returns the errors (a mask of class codes, e.g. Sentinel-2 SCL, or with NaN, which
+        ``astype(bool)`` would turn into True).
+
+        Examples
+        --------
+        >>> MODALITIES["s2_l2a"].check_mask(np.array([4, 8, 9], "uint8"))[0][:51]
+        'mask_s2_l2a holds values [4, 8, 9], not True/False:'
+        >>> MODALITIES["s2_l2a"].check_mask(np.array([0, 1], "uint8"))
+        []
+        """
+        mask = np.asarray(mask)
+        if mask.dtype == bool:
+            return []
+        if mask.dtype.kind not in "uif":
+            return [f"{self.mask_variable} has dtype {mask.dtype}; it must be bool (True where the pixel is valid)"]
+        if mask.dtype.kind == "f" and np.isnan(mask).any():
+            return [f"{self.mask_variable} holds NaN, which would count as valid (True); it must be bool: "
+                    f"ds['{self.mask_variable}'] = ds['{self.mask_variable}'].fillna(0).astype(bool)"]
+        values = np.unique(mask)
+        if np.isin(values, (0, 1)).all():
+            return []
+        hint = ""
+        if self.quality is not None:
+            hint = (f" If these are {self.quality.name} classes ({self.quality.description}), decode them: "
+                    f"ds['{self.mask_variable}'] = ~ds['{self.mask_variable}'].isin({list(self.quality.invalid_classes)})")
+        shown = [v.item() for v in values[:8]]
+        return [f"{self.mask_variable} holds values {shown}{' ...' if len(values) > 8 else ''}, not True/False: "
+                f"it must be True where the pixel is valid.{hint}"]
+
+    @property
+    def normalized_range(self) -> tuple[float, float]:
+        """Range of :meth:`normalize`'d values of plausible stored values, over all bands.
+
+        Examples
+        --------
+        >>> [round(v, 2) for v in MODALITIES["s1"].normalized_range]
+        [-3.23, 3.48]
+        """
+        if self.plausible is None:
+            return -np.inf, np.inf
+        low, high = self.plausible.range
+        ends = np.array([[max(low, DB_FLOOR) if self.to_db else low] * self.n_bands,
+                         [high] * self.n_bands], dtype=np.float64)[..., None, None]      # (2, C, 1, 1)
+        normalized = normalize(ends, self)
+        return float(normalized.min()), float(normalized.max())
+
+    def check_normalized(self, x) -> list[str]:
+        """Check a sample of already-normalized values (``prepare.normalize`` output): errors.
+
+        Examples
+        --------
+        >>> MODALITIES["s2_l2a"].check_normalized(np.full((12, 2, 2), 1500.0))[0][:71]
+        's2_l2a: 100% of the sampled values are outside [0.00312, 20.4], the ran'
+        """
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            return [f"{self.key} holds normalized values but has dtype {x.dtype}; the output of "
+                    "terrafm.prepare.normalize is float32"]
+        finite = x[np.isfinite(x)]
+        low, high = self.normalized_range
+        slack = 0.05 * (high - low)
+        outside = (finite < low - slack) | (finite > high + slack)
+        if not outside.any():
+            return []
+        return [f"{self.key}: {outside.mean():.0%} of the sampled values are outside [{low:.3g}, {high:.3g}], the "
+                f"range of normalized {self.units}: these look like stored values, not the output of "
+                f"terrafm.prepare.normalize. Pass stored bands ({self.variables[0]}, ...) to embed, which "
+                "normalizes them, or normalize them with terrafm.prepare.normalize(ds)"]
 
     def normalize(self, x, channel_axis: int = -3, inplace: bool = False):
         """:func:`normalize` for this modality."""
@@ -783,6 +1002,17 @@ _ES_S2 = {b: names[0] for b, names in _S2_COMMON_NAMES.items()}
 _S2_OFFSET = BaselineOffset(dn=1000, property="s2:processing_baseline", since="04.00",
                             start=_dt.date(2022, 1, 25), name_pattern=r"_N(\d{2})(\d{2})_",
                             name_properties=("s2:product_uri",))
+_S2_CONVENTIONS = "Planetary Computer: DN = reflectance x 10000; Earth Search L2A: DN = (reflectance + 0.1) x 10000"
+_S2_PLAUSIBLE = Plausibility(
+    dtypes=("uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64"),
+    range=(0.0, 65535.0), typical=(100.0, 15000.0),
+    mistakes=(UnitMistake("reflectance (0-1), not DN", -0.5, 2.0, 0.99,
+                          "pass stored DN as terrafm.stac.load returns them (" + _S2_CONVENTIONS + "), e.g. "
+                          "ds[v] = (ds[v] * 10000).round().clip(1, 65535).astype('uint16') for each band"),),
+    dtype_fix="cast DN with ds[v].astype('uint16'); reflectance 0-1 becomes DN by (ds[v] * 10000).round()"
+              ".astype('uint16'); 8-bit, boolean or complex arrays are not Sentinel-2 DN: reload them with "
+              "terrafm.stac.load",
+)
 _SCL = QualityMask("SCL", invalid_classes=(0, 1, 3, 8, 9, 10),
                    description="Sentinel-2 scene classification (invalid: no data, saturated, cloud shadow, "
                                "medium/high cloud, cirrus)")
@@ -805,6 +1035,7 @@ register_modality(Modality(
     band_aliases=_S2_COMMON_NAMES,
     product_hints={"s2:product_type": ("S2MSI2A",), "processing:level": ("L2A", "L2")},
     majortom=MajorTOM(("Core-S2L2A", "S2L2A"), S2_BANDS), cloud_cover="eo:cloud_cover",
+    plausible=_S2_PLAUSIBLE,
 ))
 register_modality(Modality(
     key="s2_l1c", bands=S2_BANDS,
@@ -820,6 +1051,7 @@ register_modality(Modality(
     band_aliases=_S2_COMMON_NAMES,
     product_hints={"s2:product_type": ("S2MSI1C",), "processing:level": ("L1C", "L1")},
     majortom=MajorTOM(("Core-S2L1C", "S2L1C"), S2_BANDS), cloud_cover="eo:cloud_cover",
+    plausible=_S2_PLAUSIBLE,
 ))
 register_modality(Modality(
     key="s1", bands=S1_BANDS, mean=(-12.7572, -19.6423), std=(5.8491, 5.8516),
@@ -831,6 +1063,17 @@ register_modality(Modality(
     band_aliases={"vv": ("VV",), "vh": ("VH",)},
     product_hints={"sar:product_type": ("GRD", "RTC")},
     majortom=MajorTOM(("Core-S1RTC", "S1RTC"), S1_BANDS),
+    plausible=Plausibility(
+        dtypes=("float32", "float64"), range=(0.0, 1e5), typical=(1e-4, 1.0),
+        mistakes=(UnitMistake("dB", -100.0, 0.0, 0.5,
+                              "pass linear power (10 ** (dB / 10)): ds[v] = 10 ** (ds[v] / 10) for s1_vv and s1_vh "
+                              "(terrafm converts power to dB itself)"),
+                  UnitMistake("scaled digital numbers, not calibrated linear power", 10.0, np.inf, 0.5,
+                              "pass calibrated backscatter (gamma0 or sigma0) as linear power, as terrafm.stac.load "
+                              "of sentinel-1-rtc returns it (typical values 0.001-0.5)")),
+        dtype_fix="pass linear power as float32 (ds[v].astype('float32')); complex SLC values z become power "
+                  "by abs(z) ** 2",
+    ),
 ))
 register_layer(Layer(
     key="worldcover", dtype="uint8", nodata=0, description="ESA WorldCover classes (0 = no data)",

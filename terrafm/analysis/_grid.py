@@ -99,20 +99,62 @@ def with_georef(result: xr.DataArray, template: xr.DataArray | xr.Dataset) -> xr
     return result
 
 
+GRID_TOLERANCE = 0.01
+"""Two grids are the same when every x/y coordinate agrees to this fraction of a cell (in CRS
+units: 1.6 m on the 160 m patch grid), not to ``np.allclose``'s relative tolerance, which lets
+UTM northings differ by 50-90 m."""
+
+
+def _cell_size(da: xr.DataArray) -> float:
+    """Smallest |step| of the x/y coordinates (from the transform for a single cell)."""
+    steps = [np.abs(np.diff(np.asarray(da[d].values, dtype=np.float64))) for d in ("x", "y") if da.sizes[d] > 1]
+    steps = [s[s > 0].min() for s in steps if (s > 0).any()]
+    if steps:
+        return float(min(steps))
+    try:
+        res = da.rio.resolution()
+        return float(min(abs(res[0]), abs(res[1])))
+    except Exception:  # one cell without a transform: compare to float rounding only
+        return 0.0
+
+
 def check_same_grid(a: xr.DataArray, b: xr.DataArray, names: tuple[str, str] = ("emb_a", "emb_b")) -> None:
-    """Raise unless ``a`` and ``b`` share CRS, shape, coordinates and embedding size."""
+    """Raise unless ``a`` and ``b`` share CRS, shape, coordinates and embedding size.
+
+    Coordinates must agree to :data:`GRID_TOLERANCE` of a cell, an absolute tolerance in CRS
+    units; the error gives the offset found.
+
+    Examples
+    --------
+    >>> import rioxarray  # noqa: F401
+    >>> def grid(y0):
+    ...     return xr.DataArray(np.zeros((2, 2, 3)), dims=("y", "x", "embedding"),
+    ...                         coords={"y": [y0, y0 - 160.0], "x": [80.0, 240.0]}).rio.write_crs("EPSG:32633")
+    >>> check_same_grid(grid(5_342_320.0), grid(5_342_320.5))     # half a metre: the same grid
+    >>> check_same_grid(grid(5_342_320.0), grid(5_342_370.0))
+    Traceback (most recent call last):
+    ...
+    ValueError: emb_a (2x2) and emb_b (2x2) are on different grids: y coordinates differ by up to 50 CRS units (the tolerance is 1.6, 1% of a 160 cell); load both dates with the same bbox/resolution or use b.rio.reproject_match(a) (see README, 'Validation rules')
+    """
     if a.rio.crs != b.rio.crs:
         raise ValueError(
             f"{names[0]} is in {a.rio.crs} but {names[1]} is in {b.rio.crs}; embed both dates on the same "
             "grid (same crs/resolution/bbox in terrafm.stac.load) or reproject one with .rio.reproject_match()"
         )
-    if a.sizes["y"] != b.sizes["y"] or a.sizes["x"] != b.sizes["x"] or not (
-        np.allclose(a["x"].values, b["x"].values) and np.allclose(a["y"].values, b["y"].values)
-    ):
-        raise ValueError(
-            f"{names[0]} ({a.sizes['y']}x{a.sizes['x']}) and {names[1]} ({b.sizes['y']}x{b.sizes['x']}) are on "
-            "different grids; load both dates with the same bbox/resolution or use b.rio.reproject_match(a)"
-        )
+    shape = f"{names[0]} ({a.sizes['y']}x{a.sizes['x']}) and {names[1]} ({b.sizes['y']}x{b.sizes['x']})"
+    fix = "load both dates with the same bbox/resolution or use b.rio.reproject_match(a) (see README, 'Validation rules')"
+    if a.sizes["y"] != b.sizes["y"] or a.sizes["x"] != b.sizes["x"]:
+        raise ValueError(f"{shape} are on different grids; {fix}")
+    cell = _cell_size(a)
+    tolerance = GRID_TOLERANCE * cell
+    for dim in ("y", "x"):
+        offset = np.abs(np.asarray(a[dim].values, np.float64) - np.asarray(b[dim].values, np.float64))
+        worst = float(offset.max()) if offset.size else 0.0
+        if not worst <= max(tolerance, 1e-9 * float(np.abs(np.asarray(a[dim].values)).max(initial=0.0))):
+            raise ValueError(
+                f"{shape} are on different grids: {dim} coordinates differ by up to {worst:.3g} CRS units (the "
+                f"tolerance is {tolerance:.2g}, {GRID_TOLERANCE:.0%} of a {cell:g} cell); {fix}"
+            )
     if a.sizes[EMBEDDING_DIM] != b.sizes[EMBEDDING_DIM]:
         raise ValueError(
             f"{names[0]} has {a.sizes[EMBEDDING_DIM]} embedding dims but {names[1]} has "

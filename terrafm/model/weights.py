@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import ModelConfig, get_config, list_models
 
-__all__ = ["load_weights", "resolve_weights", "CheckpointError", "LoadResult",
+__all__ = ["load_weights", "resolve_weights", "non_finite_tensors", "CheckpointError", "LoadResult",
            "FUSION_PREFIX", "FUSION_MODES"]
 
 logger = logging.getLogger(__name__)
@@ -129,19 +129,44 @@ def resolve_weights(source: str | os.PathLike, model: str | ModelConfig = "terra
         ) from exc
 
 
+def non_finite_tensors(state) -> str:
+    """The floating tensors of a state dict that hold NaN or inf, listed with their counts ("" if none).
+
+    Examples
+    --------
+    >>> non_finite_tensors({"w": torch.tensor([1.0, float("inf")]), "n": torch.tensor([3])})
+    'w (1 of 2 values NaN/inf)'
+    """
+    bad = []
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and (tensor.is_floating_point() or tensor.is_complex()):
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append(f"{name} ({count} of {tensor.numel()} values NaN/inf)")
+    return _listing(bad, 8) if bad else ""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return lines[0] if lines else "no message"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): a download or export that was interrupted or never "
+                              "written. Delete it and download or export it again")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} is not a plain tensor state dict: torch.load(weights_only=True) refused it "
-            f"({str(exc).splitlines()[0]}). terrafm never unpickles arbitrary objects; if you trust "
+            f"({_first_line(exc)}). terrafm never unpickles arbitrary objects; if you trust "
             "the file, load it yourself with torch.load(weights_only=False) and save its "
             "state_dict() with torch.save."
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(
-            f"{path} is corrupt or truncated ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"{path} is corrupt or truncated ({type(exc).__name__}: {_first_line(exc)}); "
             "delete it and download or export it again"
         ) from exc
     for wrapper in ("state_dict", "model", "teacher"):
@@ -151,7 +176,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict of tensors "
                               f"(got {type(obj).__name__}); save model.state_dict()")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite parameters: {bad}. A model loaded from it gives NaN "
+                              "embeddings; training diverged or the file was damaged: export an earlier checkpoint "
+                              "(python -m pretrain.export) or download the weights again")
+    return state
 
 
 def _listing(names, limit: int = 12) -> str:
@@ -186,8 +217,8 @@ def load_weights(model: nn.Module, source: str | os.PathLike) -> LoadResult:
     Raises
     ------
     CheckpointError
-        Corrupt/truncated file, non-tensor pickle, unexpected keys, missing keys, part of the
-        fusion parameters, or shape mismatches (all listed).
+        Empty, corrupt or truncated file, non-tensor pickle, NaN or infinite values, unexpected
+        keys, missing keys, part of the fusion parameters, or shape mismatches (all listed).
 
     Examples
     --------
