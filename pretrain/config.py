@@ -128,14 +128,30 @@ class PretrainConfig:
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self, world_size: int = 1) -> "PretrainConfig":
-        """Raise :class:`ConfigError` listing every inconsistency (and how to fix it)."""
+        """Raise :class:`ConfigError` listing every inconsistency (and how to fix it).
+
+        Values of the wrong type (``epochs: ten``) are reported first; then impossible values
+        (a learning rate, temperature, batch size or clip that is zero or negative, a momentum
+        outside [0, 1], intervals below 1) and inconsistent combinations, all at once.
+
+        Examples
+        --------
+        >>> load_config("tiny_cpu", ["optim.teacher_temp=0"]).validate()
+        Traceback (most recent call last):
+        ...
+        pretrain.config.ConfigError: invalid pretraining config:
+          - optim.teacher_temp=0 must be > 0 (a temperature divides the logits before the softmax; DINO uses 0.04-0.07 for the teacher and 0.1 for the student)
+        """
         from terrafm.model import list_models
         from terrafm.sensors import MODALITIES, PATCH_SIZE
 
         from .loss import CENTERINGS
 
-        a, o, d, m = self.augment, self.optim, self.data, self.model
-        problems = []
+        a, o, d, m, r = self.augment, self.optim, self.data, self.model, self.run
+        problems = _type_problems(self)
+        if problems:    # the checks below compare numbers: wrong types first
+            raise ConfigError("invalid pretraining config:\n  - " + "\n  - ".join(problems))
+        problems = _range_problems(m, d, o, r)
         if m.name not in list_models():
             problems.append(f"model.name {m.name!r} is not registered; use one of {list_models()}")
         for name, size in (("global_size", a.global_size), ("local_size", a.local_size)):
@@ -191,13 +207,111 @@ class PretrainConfig:
             problems.append("data.s2_offset='harmonize' needs each product's processing baseline or date, which "
                             "a GeoTIFF folder does not record; harmonize the files when writing them and keep "
                             "data.s2_offset='raw'")
-        if self.run.amp not in ("bf16", "fp16", "none"):
-            problems.append(f"run.amp={self.run.amp!r} must be 'bf16', 'fp16' or 'none'")
+        if r.amp not in ("bf16", "fp16", "none"):
+            problems.append(f"run.amp={r.amp!r} must be 'bf16', 'fp16' or 'none'")
         if m.out_dim < 2 or m.bottleneck_dim < 1 or m.hidden_dim < 1:
             problems.append("model.out_dim, hidden_dim and bottleneck_dim must be positive (out_dim >= 2)")
         if problems:
             raise ConfigError("invalid pretraining config:\n  - " + "\n  - ".join(problems))
         return self
+
+
+def _type_problems(cfg: PretrainConfig) -> list[str]:
+    """Every field whose value is not of its declared type (e.g. ``epochs: ten``, ``base_lr: fast``)."""
+    problems = []
+    for section in _SECTIONS:
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            rule = _type_rule(value, f.type)
+            if rule:
+                problems.append(f"{section}.{f.name}={value!r} must be {rule}")
+    return problems
+
+
+def _type_rule(value: Any, annotation: str) -> str | None:
+    """None if ``value`` fits the (string) annotation, else what it must be."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        return None if "None" in options else "set (not null)"
+    kind = next(a for a in options if a != "None")
+    if kind.startswith("list["):
+        inner = kind[5:-1]
+        if not isinstance(value, list):
+            return f"a list of {inner} values, e.g. [...]"
+        bad = [v for v in value if _type_rule(v, inner)]
+        return f"a list of {inner} values (not {bad})" if bad else None
+    is_bool = isinstance(value, bool)
+    if kind == "bool":
+        return None if is_bool else "true or false"
+    if kind == "int":
+        return None if isinstance(value, int) and not is_bool else "an integer"
+    if kind == "float":
+        return None if isinstance(value, (int, float)) and not is_bool else "a number"
+    if kind == "str":
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def _range_problems(m: ModelSection, d: DataSection, o: OptimSection, r: RunSection) -> list[str]:
+    """Values no run can use: zero or negative rates, temperatures, counts and intervals."""
+    problems = []
+
+    def at_least(name: str, value, low, why: str = "") -> None:
+        if value < low:
+            problems.append(f"{name}={value} must be >= {low}" + (f" ({why})" if why else ""))
+
+    def positive(name: str, value, why: str) -> None:
+        if not value > 0:
+            problems.append(f"{name}={value} must be > 0 ({why})")
+
+    def within(name: str, value, low, high, closed_high: bool = True, why: str = "") -> None:
+        if not (low <= value <= high if closed_high else low <= value < high):
+            problems.append(f"{name}={value} must lie in [{low}, {high}{']' if closed_high else ')'}"
+                            + (f" ({why})" if why else ""))
+
+    positive("optim.base_lr", o.base_lr, "the peak learning rate is base_lr * batch_size / 256; DINO uses 5e-4, "
+             "the paper 1e-4")
+    at_least("optim.min_lr", o.min_lr, 0, "the learning rate at the end of the cosine")
+    for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+        positive(f"optim.{name}", getattr(o, name), "a temperature divides the logits before the softmax; "
+                 "DINO uses 0.04-0.07 for the teacher and 0.1 for the student")
+    within("optim.momentum_teacher", o.momentum_teacher, 0, 1, why="EMA momentum; DINO uses 0.996")
+    within("optim.center_momentum", o.center_momentum, 0, 1, why="EMA momentum of the center; DINO uses 0.9")
+    at_least("optim.weight_decay", o.weight_decay, 0)
+    at_least("optim.weight_decay_end", o.weight_decay_end, 0)
+    at_least("optim.epochs", o.epochs, 1)
+    at_least("optim.epoch_samples", o.epoch_samples, 1)
+    at_least("optim.batch_size", o.batch_size, 1, "the global batch over all ranks")
+    positive("optim.clip_grad", o.clip_grad, "each parameter's gradient norm is clipped to it, so 0 would zero "
+             "every gradient; DINO uses 3.0, a large value clips nothing")
+    if not 0 <= o.warmup_teacher_temp_epochs <= o.epochs:
+        problems.append(f"optim.warmup_teacher_temp_epochs={o.warmup_teacher_temp_epochs} must lie in "
+                        f"[0, epochs={o.epochs}]")
+    at_least("optim.freeze_last_layer_epochs", o.freeze_last_layer_epochs, 0)
+    within("model.drop_path_rate", m.drop_path_rate, 0, 1, closed_high=False)
+    at_least("model.head_layers", m.head_layers, 1)
+    at_least("data.num_workers", d.num_workers, 0)
+    within("data.ocean_keep", d.ocean_keep, 0, 1, why="the fraction of ocean tiles kept")
+    at_least("run.checkpoint_every", r.checkpoint_every, 1, "iterations between checkpoints")
+    at_least("run.log_every", r.log_every, 1, "iterations between metric rows")
+    at_least("run.knn_every", r.knn_every, 0, "0 turns the kNN monitor off")
+    at_least("run.knn_k", r.knn_k, 1)
+    at_least("run.seed", r.seed, 0, "numpy seeds are non-negative")
+    return problems
+
+
+def _coerce_numbers(cls, values: dict) -> dict:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: a float field takes the number it spells."""
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for name, value in values.items():
+        if isinstance(value, str) and kinds.get(name, "").split("|")[0].strip() == "float":
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass          # left as text: validate() names the field and the type
+    return out
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "augment": AugmentSection,
@@ -244,5 +358,5 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pretrai
         bad = sorted(set(values or {}) - known)
         if bad:
             raise ConfigError(f"unknown keys {bad} in section {section!r} of {path}; known: {sorted(known)}")
-        sections[section] = cls(**(values or {}))
+        sections[section] = cls(**_coerce_numbers(cls, values or {}))
     return PretrainConfig(**sections)

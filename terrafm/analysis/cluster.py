@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ._checks import require_int
 from ._grid import flatten_valid, l2_normalize, unflatten
 
 
@@ -17,7 +18,11 @@ def cluster(emb: xr.DataArray, k: int = 8, seed: int = 0, batch_size: int = 4096
     emb : xr.DataArray
         Embeddings (time?, y, x, embedding) with a CRS.
     k : int
-        Number of clusters.
+        Number of clusters (an integer >= 2, at most the number of valid positions).
+    seed : int
+        Seed of the k-means initialisation (deterministic by default).
+    batch_size : int
+        Vectors per MiniBatchKMeans step.
     normalize : bool
         L2-normalise vectors first (k-means on the unit sphere ≈ cosine clustering).
 
@@ -34,8 +39,9 @@ def cluster(emb: xr.DataArray, k: int = 8, seed: int = 0, batch_size: int = 4096
     """
     from sklearn.cluster import MiniBatchKMeans
 
-    if k < 2:
-        raise ValueError(f"k must be >= 2, got {k}")
+    k = require_int("k", k, minimum=2, fix="the number of clusters, e.g. k=8")
+    batch_size = require_int("batch_size", batch_size, fix="vectors per MiniBatchKMeans step, e.g. 4096")
+    seed = require_int("seed", seed, minimum=0, fix="e.g. seed=0")
     vectors, mask = flatten_valid(emb)
     if len(vectors) < k:
         raise ValueError(f"only {len(vectors)} valid positions for k={k} clusters; lower k or use a larger area")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
+from ._checks import require_int
 from ._grid import flatten_valid, unflatten
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,13 @@ def fit_rgb(
     seed : int
         Random seed for the sample and the reducer.
     percentiles : (float, float)
-        Robust stretch: these percentiles of the fitted sample map to 0 and 1 per band.
+        Robust stretch: these percentiles of the fitted sample map to 0 and 1 per band
+        (0 <= low < high <= 100).
+    chunk_size : int
+        Vectors transformed per step.
+    **reducer_kwargs
+        Options of the reducer (``sklearn.decomposition.PCA`` or ``umap.UMAP``); an option it
+        does not take is an error listing the ones it does.
 
     Returns
     -------
@@ -102,6 +109,12 @@ def fit_rgb(
     """
     if method not in ("pca", "umap"):
         raise ValueError(f"method must be 'pca' or 'umap', got {method!r}")
+    if sample is not None:
+        require_int("sample", sample, minimum=4, fix="fit on at least 4 vectors, or sample=None for all of them")
+    require_int("seed", seed, minimum=0, fix="e.g. seed=0")
+    require_int("chunk_size", chunk_size, fix="vectors transformed per step, e.g. 65536")
+    low, high = _check_percentiles(percentiles)
+    _check_reducer_options(method, reducer_kwargs)
     vectors, _ = flatten_valid(emb)
     if len(vectors) < 4:
         raise ValueError(f"only {len(vectors)} valid positions; need at least 4 to fit a colour reducer")
@@ -129,9 +142,41 @@ def fit_rgb(
         projected = np.asarray(model.embedding_, dtype=np.float32)
     else:
         projected = reducer.project(fit_vectors)
-    reducer.low = np.percentile(projected, percentiles[0], axis=0)
-    reducer.high = np.percentile(projected, percentiles[1], axis=0)
+    reducer.low = np.percentile(projected, low, axis=0)
+    reducer.high = np.percentile(projected, high, axis=0)
     return reducer
+
+
+def _check_percentiles(percentiles) -> tuple[float, float]:
+    try:
+        low, high = (float(p) for p in percentiles)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"percentiles={percentiles!r}: the stretch needs (low, high) with 0 <= low < high <= 100, "
+                         "e.g. (2, 98)")
+    return low, high
+
+
+def _check_reducer_options(method: str, options: dict) -> None:
+    """Refuse options the reducer does not take (before fitting), and a component count other than 3."""
+    if "n_components" in options:
+        raise ValueError(f"n_components={options['n_components']!r}: an RGB image has always 3 components; drop it")
+    if not options:
+        return
+    import inspect
+
+    if method == "pca":
+        from sklearn.decomposition import PCA as reducer_class
+    else:
+        import umap
+
+        reducer_class = umap.UMAP
+    known = set(inspect.signature(reducer_class.__init__).parameters) - {"self", "n_components"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{unknown} {'is' if len(unknown) == 1 else 'are'} not an option of {method} "
+                         f"({reducer_class.__name__}); its options: {sorted(known)}")
 
 
 def to_rgb(

@@ -7,6 +7,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import xarray as xr
 
+from ._checks import require_int
 from ._grid import EMBEDDING_DIM, check_embedding, flatten_valid, l2_normalize, unflatten, valid_mask
 
 
@@ -65,7 +66,17 @@ def query_vectors(emb: xr.DataArray, query: Any) -> np.ndarray:
         if not np.isfinite(vec).all() or ("valid" in emb.coords and not bool(emb["valid"].values[row, col])):
             raise ValueError(f"query ({query[0]}, {query[1]}) hits an invalid (cloud/nodata) position; move it")
         return vec[None]
-    vectors = np.asarray(query.values if isinstance(query, xr.DataArray) else query, dtype=np.float32)
+    if query is None or isinstance(query, (str, bytes)) or isinstance(query, dict):
+        raise TypeError(
+            f"query {query!r} is not a location or a vector; pass a (lon, lat) tuple of numbers, a shapely "
+            "polygon (EPSG:4326) or GeoDataFrame, one vector of length "
+            f"{depth} or a list of them")
+    try:
+        vectors = np.asarray(query.values if isinstance(query, xr.DataArray) else query, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"query of type {type(query).__name__} cannot be read as vectors ({exc}); pass a (lon, lat) tuple, a "
+            f"polygon, one vector of length {depth} or a list of them") from None
     vectors = np.atleast_2d(vectors)
     if vectors.ndim != 2 or vectors.shape[1] != depth:
         raise ValueError(
@@ -129,6 +140,10 @@ def similarity(
     >>> sim = similarity(emb, (13.40, 52.52))                        # doctest: +SKIP
     >>> best = top_k(sim, k=20)  # GeoDataFrame of points, column "similarity"  # doctest: +SKIP
     """
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce={reduce!r}: several query vectors combine per position by 'max' or 'mean'")
     emb = _single_date(check_embedding(emb))
     queries = query_vectors(emb, query)
     vectors, mask = flatten_valid(emb)
@@ -139,8 +154,6 @@ def similarity(
             queries.astype(np.float64) ** 2
         ).sum(1)[None]
         scores = -np.sqrt(np.maximum(d2, 0))
-    else:
-        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
     combined = scores.max(1) if reduce == "max" else scores.mean(1)
     return unflatten(combined.astype(np.float32), mask, "similarity", attrs={"metric": metric})
 
@@ -148,15 +161,29 @@ def similarity(
 def top_k(score: xr.DataArray, k: int = 10, largest: bool = True):
     """The ``k`` best positions of a (y, x) score map as a GeoDataFrame of points (map CRS).
 
+    ``k`` is a positive integer; when the map has fewer finite cells than ``k``, all of them
+    are returned, ranked (NaN cells are never ranked). A map without a finite cell is an error.
+
     Examples
     --------
     >>> top_k(similarity(emb, vec), k=5).to_crs(4326)   # doctest: +SKIP
     """
     import geopandas as gpd
 
+    k = require_int("k", k, fix="the number of best positions to return, e.g. k=10")
+    if not isinstance(score, xr.DataArray):
+        raise TypeError(f"score must be a (y, x) xr.DataArray such as the output of similarity(), got "
+                        f"{type(score).__name__}")
+    if set(score.dims) != {"y", "x"}:
+        raise ValueError(f"top_k ranks a (y, x) score map, but score has dims {score.dims}; pass the output of "
+                         "similarity(emb, query) (select one date with .isel(time=i))")
     values = np.asarray(score.transpose("y", "x").values, dtype=np.float64)
+    finite = int(np.isfinite(values).sum())
+    if finite == 0:
+        raise ValueError("score has no finite value (all NaN) to rank; check the embedding's valid cells and the "
+                         "query of similarity()")
     flat = np.where(np.isfinite(values), values if largest else -values, -np.inf).ravel()
-    k = int(min(k, np.isfinite(values).sum()))
+    k = min(k, finite)
     order = np.argsort(-flat, kind="stable")[:k]
     rows, cols = np.unravel_index(order, values.shape)
     xs, ys = score["x"].values[cols], score["y"].values[rows]
