@@ -14,9 +14,13 @@ import csv
 import logging
 import math
 import os
+import pickle
+import pickletools
 import random
+import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -251,25 +255,239 @@ def cancel_last_layer_gradients(model: torch.nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+# Checkpoints hold only what torch.load(weights_only=True) reads (tensors, dicts, lists, tuples,
+# numbers, strings, None), so no checkpoint is ever unpickled with code. Older runs wrote numpy
+# scalars (the learning rate) and numpy RNG arrays; upgrade_checkpoint converts them.
+RESUME_FIX = ("Resume from the checkpoint.pth that pretrain.train wrote in run.output_dir, or start afresh "
+              "with resume=None (--resume none).")
+RESUME_KEYS = ("student", "teacher", "optimizer", "scaler", "loss", "iteration", "fingerprint")
+_PLAIN_LEAVES = (torch.Tensor, int, float, str, bool, type(None))
+_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+_OLDER_NUMPY_GLOBALS = {  # what an older pretrain.train pickled; no code runs by constructing them
+    f"numpy.{core}.multiarray.{name}": getattr(_MULTIARRAY, name)
+    for core in ("_core", "core") for name in ("scalar", "_reconstruct")}
+_OLDER_NUMPY_GLOBALS.update({"numpy.dtype": np.dtype, "numpy.ndarray": np.ndarray})
+_NUMERIC_DTYPE_CLASSES = [type(np.dtype(code)) for code in "?bhilqBHILQefd"]  # never the object dtype
+
+
+def _non_plain(value, where: str = "state") -> str | None:
+    """The first place in ``value`` holding something weights_only=True would refuse, or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = None if isinstance(key, (str, int)) else f"{where} key {key!r}"
+            found = found or _non_plain(item, f"{where}[{key!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((f for i, item in enumerate(value) if (f := _non_plain(item, f"{where}[{i}]"))), None)
+    if type(value) in _PLAIN_LEAVES or isinstance(value, torch.Tensor):
+        return None
+    return f"{where} ({type(value).__module__}.{type(value).__qualname__})"
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` through a temporary sibling and a rename (atomic).
+
+    ``state`` may hold only tensors, dicts, lists, tuples, numbers, strings and None, what
+    :func:`read_checkpoint` (``torch.load(weights_only=True)``) reads back.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "state.pth"
+    >>> save_checkpoint(path, {"iteration": 3, "w": torch.zeros(2)})
+    >>> save_checkpoint(path, {"lr": np.float64(0.1)})
+    Traceback (most recent call last):
+    ...
+    TypeError: a checkpoint holds only tensors, dicts, lists, numbers and strings (torch.load(weights_only=True) reads nothing else); state['lr'] (numpy.float64) is not one: convert it (float(), int(), torch.as_tensor())
+    """
+    found = _non_plain(state)
+    if found:
+        raise TypeError("a checkpoint holds only tensors, dicts, lists, numbers and strings (torch.load("
+                        f"weights_only=True) reads nothing else); {found} is not one: convert it (float(), "
+                        "int(), torch.as_tensor())")
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _pickled_globals(path: Path) -> list[str] | None:
+    """Classes and functions a checkpoint's pickle names, read without unpickling: torch's scan
+    of a zip checkpoint, else the opcodes of a raw pickle. None when it is neither."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch zip file: a raw pickle, or not a pickle at all
+        pass
+    names, strings, memo = [], [], {}
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                    strings.append(arg)
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("GET", "BINGET", "LONG_BINGET") and arg in memo:
+                    strings.append(memo[arg])
+                elif op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    names.append(".".join(strings[-2:]) if len(strings) >= 2 else "a class or function")
+                elif op.name in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE") and not names:
+                    names.append("an object")
+    except Exception:  # not a pickle
+        return None
+    return sorted(set(names))
+
+
+def read_checkpoint(path: str | Path, required: Sequence[str] = RESUME_KEYS, fix: str = "") -> dict:
+    """Read a file written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+
+    Never unpickles code: a file whose pickle names Python classes or functions is refused
+    (:class:`terrafm.model.CheckpointError`), as are empty, truncated and foreign files and dicts
+    lacking any key of ``required``; each error says what to do (``fix`` is appended). A file
+    written by an older pretrain.train (numpy values) is refused with the command converting it,
+    :func:`upgrade_checkpoint`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "checkpoint.pth"
+    >>> save_checkpoint(path, {"teacher": {"w": torch.ones(1)}, "iteration": 2})
+    >>> read_checkpoint(path, required=("teacher",))["iteration"]
+    2
+    >>> read_checkpoint(path, required=("teacher", "optimizer"), fix="Resume from another run.")
+    Traceback (most recent call last):
+    ...
+    terrafm.model.weights.CheckpointError: .../checkpoint.pth is not a pretrain.train checkpoint (no 'optimizer'). Resume from another run.
+    """
+    from terrafm.model import CheckpointError
+
+    path = Path(path)
+    fix = f" {fix}" if fix else ""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass the checkpoint file in it, e.g. {path / CHECKPOINT_NAME}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist.{fix}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint written completely by pretrain.train.{fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _pickled_globals(path)
+        if not found:
+            raise CheckpointError(f"{path} is corrupt or truncated (not a torch checkpoint: "
+                                  f"{str(exc).splitlines()[-1]}): not a checkpoint written completely by "
+                                  f"pretrain.train.{fix}") from exc
+        if set(found) <= set(_OLDER_NUMPY_GLOBALS):
+            run = path.parent
+            raise CheckpointError(
+                f"{path} was written by an older pretrain.train (numpy values in its pickle, which torch.load("
+                f"weights_only=True) refuses). Convert the run once with `python -m pretrain.train "
+                f"--upgrade-checkpoint {run}` (it reads only numpy arrays and scalars, runs no code and keeps the "
+                "old files as *.old-format), then run again") from exc
+        raise CheckpointError(
+            f"{path} is not a checkpoint pretrain.train wrote: its pickle holds Python objects ({', '.join(found)}) that "
+            "torch.load(weights_only=True) refuses, and pretrain never unpickles code. Use the checkpoint.pth "
+            f"written by pretrain.train in run.output_dir; delete a file from a source you do not trust.{fix}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+            f"not a checkpoint written completely by pretrain.train.{fix}") from exc
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a pretrain.train checkpoint (no {', '.join(map(repr, sorted(missing)))})."
+                              f"{fix}")
+    return state
+
+
+def _plain_rng(state: dict) -> dict:
+    """RNG states as tensors, lists and numbers (numpy's key array as an int64 tensor)."""
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    plain = {"torch": state["torch"],
+             "numpy": {"bit_generator": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": int(version), "internal": [int(v) for v in internal],
+                        "gauss_next": None if gauss_next is None else float(gauss_next)}}
+    if "cuda" in state:
+        plain["cuda"] = list(state["cuda"])
+    return plain
 
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return _plain_rng(state)
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain_values(value):
+    """numpy scalars -> Python numbers, numpy arrays -> tensors, containers rebuilt."""
+    if isinstance(value, dict):
+        return type(value)((k, _plain_values(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_values(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    return value
+
+
+def upgrade_checkpoint(run_dir: str | Path) -> list[Path]:
+    """Convert a run written by an older pretrain.train to the plain checkpoint format.
+
+    Older versions pickled numpy scalars (the learning rate in the optimizer state) and numpy
+    RNG arrays, which ``torch.load(weights_only=True)`` refuses. This reads them allowing only
+    numpy's array, dtype and scalar constructors (no code runs), writes each converted file
+    through a temporary sibling and keeps the original as ``<name>.old-format``. Files already
+    in the plain format are left alone; anything else is refused. Returns the converted files.
+
+    Examples
+    --------
+    >>> upgrade_checkpoint("runs/tiny")              # doctest: +SKIP
+    [PosixPath('runs/tiny/checkpoint.pth'), PosixPath('runs/tiny/rng_rank0.pth')]
+    """
+    from terrafm.model import CheckpointError
+
+    run_dir = Path(run_dir)
+    run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    files = [f for f in [run_dir / CHECKPOINT_NAME, *sorted(run_dir.glob("rng_rank*.pth"))] if f.is_file()]
+    if not files:
+        raise FileNotFoundError(f"{run_dir} holds no {CHECKPOINT_NAME} or rng_rank*.pth to upgrade; pass the "
+                                "run.output_dir of the run")
+    converted = []
+    for path in files:
+        try:
+            read_checkpoint(path, required=())
+            continue
+        except CheckpointError as exc:
+            if "older pretrain.train" not in str(exc):
+                raise
+        allowed = [(obj, name) for name, obj in _OLDER_NUMPY_GLOBALS.items()] + _NUMERIC_DTYPE_CLASSES
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _plain_rng(state) if path.name.startswith("rng_rank") else _plain_values(state)
+        backup = path.with_name(path.name + ".old-format")
+        if backup.exists():
+            raise FileExistsError(f"{backup} exists: an earlier upgrade kept it; move it away to upgrade {path} again")
+        shutil.copy2(path, backup)
+        save_checkpoint(path, state)
+        converted.append(path)
+        logger.info("upgraded %s (the original is kept as %s)", path, backup)
+    return converted
 
 
 # ----------------------------------------------------------------------------- kNN monitor
@@ -345,6 +563,19 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
     output_dir.mkdir(parents=True, exist_ok=True)
     o, a, m = cfg.optim, cfg.augment, cfg.model
 
+    # the files to resume from are read first: a bad one fails before any data or model work
+    path = output_dir / CHECKPOINT_NAME if resume == "auto" else (Path(resume) if resume else None)
+    state, saved_rng = None, None
+    if path is not None and (path.exists() or resume != "auto"):
+        state = read_checkpoint(path, fix=RESUME_FIX)
+        if state["fingerprint"] != cfg.fingerprint():
+            raise ConfigError(f"{path} was written by a run with another config (fingerprint "
+                              f"{state['fingerprint']}, this config {cfg.fingerprint()}); use a new "
+                              "run.output_dir or the original config to continue that run")
+        rng_file = output_dir / f"rng_rank{rank}.pth"
+        if state["iteration"] and rng_file.exists():
+            saved_rng = read_checkpoint(rng_file, required=("torch", "numpy", "python"), fix=RESUME_FIX)
+
     # data
     tiles, frequent = build_tiles(cfg)
     augmentation = MultiCropAugmentation(a.global_size, a.local_size, a.n_local,
@@ -374,15 +605,9 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.run.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
-    # resume
+    # resume: apply what was read before the data and models were built
     start_iter = 0
-    path = output_dir / CHECKPOINT_NAME if resume == "auto" else (Path(resume) if resume else None)
-    if path is not None and path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["fingerprint"] != cfg.fingerprint():
-            raise ConfigError(f"{path} was written by a run with another config (fingerprint "
-                              f"{state['fingerprint']}, this config {cfg.fingerprint()}); use a new "
-                              "run.output_dir or the original config to continue that run")
+    if state is not None:
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
@@ -390,8 +615,6 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
         loss_fn.load_state_dict(state["loss"])
         start_iter = state["iteration"]
         logger.info("resumed %s at iteration %d", path, start_iter)
-    elif path is not None and resume not in ("auto", None):
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
 
     sampler = GlobalBatchSampler(tiles.tile_weights(cfg.data.ocean_keep), o.batch_size,
                                  cfg.iters_per_epoch, cfg.total_iters, cfg.run.seed, rank, world,
@@ -406,7 +629,7 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
     fallback_logged: list[int] = []
 
     def checkpoint(next_iter: int) -> None:
-        torch.save(rng_state(), output_dir / f"rng_rank{rank}.pth")
+        save_checkpoint(output_dir / f"rng_rank{rank}.pth", rng_state())
         centering = centering_record(loss_fn, frequent)
         if centering["configured"] != centering["in_effect"] and not fallback_logged:
             fallback_logged.append(next_iter)  # logged once per call
@@ -429,9 +652,8 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
     progress = tqdm(total=end - start_iter, disable=rank != 0, desc="pretrain")
     it = start_iter
     batches = iter(loader)  # creating the iterator draws from the torch RNG: do it before seeding
-    rng_file = output_dir / f"rng_rank{rank}.pth"
-    if start_iter and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    if saved_rng is not None:
+        set_rng_state(saved_rng)
     else:
         torch.manual_seed(cfg.run.seed + 1000 * rank)  # drop path differs per rank, like DINO
     started = time.perf_counter()
@@ -440,9 +662,9 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
             break
         epoch = it // cfg.iters_per_epoch
         for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = schedules["lr"][it]
+            group["lr"] = float(schedules["lr"][it])  # Python floats: the checkpoint stays plain
             if i == 0:
-                group["weight_decay"] = schedules["wd"][it]
+                group["weight_decay"] = float(schedules["wd"][it])
         teacher_groups = [_to_device(g, device) for g in batch["teacher"]]
         student_groups = [_to_device(g, device) for g in batch["student"]]
         frequent_mask = torch.isin(batch["landcover"], frequent_set).to(device)
@@ -493,15 +715,27 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file or a name in pretrain/configs")
+    parser.add_argument("--config", help="YAML file or a name in pretrain/configs")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set data.root=/data/majortom")
     parser.add_argument("--resume", default="auto", help="'auto', 'none' or a checkpoint path")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this iteration")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--losses-out", default=None, help="write this call's losses (one per line)")
+    parser.add_argument("--upgrade-checkpoint", metavar="RUN_DIR", default=None,
+                        help="convert the checkpoints of a run written by an older pretrain.train, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.upgrade_checkpoint:
+        from terrafm.model import CheckpointError
+
+        try:
+            upgrade_checkpoint(args.upgrade_checkpoint)
+        except (CheckpointError, OSError) as exc:
+            parser.exit(2, f"pretrain.train: error: {exc}\n")
+        return 0
+    if not args.config:
+        parser.error("--config is required (a YAML file or a name in pretrain/configs)")
     torch.set_num_threads(min(torch.get_num_threads(), int(os.environ.get("OMP_NUM_THREADS", "2"))))
     cfg = load_config(args.config, args.set)
     losses = train(cfg, None if args.resume == "none" else args.resume, args.stop_after, args.device)

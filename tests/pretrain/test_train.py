@@ -1,6 +1,7 @@
 """End-to-end tiny runs on real patches: learning without collapse, exact resume, 2-rank Gloo
 equivalence, export -> strict load -> same features, refusal to resume another config."""
 
+import copy
 import math
 import os
 import shutil
@@ -86,6 +87,80 @@ def test_resume_refuses_a_checkpoint_of_another_config(full_run, majortom, tmp_p
         train(cfg, resume="auto")
 
 
+def test_checkpoints_load_with_weights_only(full_run):
+    """What a run writes holds no pickled code: torch.load(weights_only=True) reads it back."""
+    state = torch.load(full_run["out"] / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert state["iteration"] == 30 and state["fingerprint"] == full_run["cfg"].fingerprint()
+    assert all(type(g["lr"]) is float for g in state["optimizer"]["param_groups"])
+    rng = torch.load(full_run["out"] / "rng_rank0.pth", map_location="cpu", weights_only=True)
+    assert rng["numpy"]["keys"].dtype == torch.int64 and rng["numpy"]["keys"].shape == (624,)
+    assert len(rng["python"]["internal"]) == 625
+
+
+class _CreatesMarker:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_crafted_rng_file_without_running_it(full_run, tmp_path):
+    from terrafm.model import CheckpointError
+
+    out = tmp_path / "run"
+    shutil.copytree(full_run["out"], out)
+    marker = tmp_path / "marker"
+    torch.save({"torch": torch.get_rng_state(), "numpy": _CreatesMarker(marker), "python": []}, out / "rng_rank0.pth")
+    cfg = copy.deepcopy(full_run["cfg"])
+    cfg.run.output_dir = str(out)
+    with pytest.raises(CheckpointError, match=r"rng_rank0\.pth is not a checkpoint pretrain\.train wrote.*\(io\.open\)"
+                                              r".*never unpickles code"):
+        train(cfg, resume="auto")
+    assert not marker.exists()
+
+
+def _write_older_format(run: Path) -> None:
+    """Rewrite a run's files the way pretrain.train wrote them before weights_only=True:
+    numpy float64 learning rates and numpy/Python RNG state tuples."""
+    import numpy as np
+
+    state = torch.load(run / "checkpoint.pth", map_location="cpu", weights_only=True)
+    for i, group in enumerate(state["optimizer"]["param_groups"]):
+        group["lr"] = np.float64(group["lr"])
+        if i == 0:
+            group["weight_decay"] = np.float64(group["weight_decay"])
+    torch.save(state, run / "checkpoint.pth")
+    rng = torch.load(run / "rng_rank0.pth", map_location="cpu", weights_only=True)
+    n, p = rng["numpy"], rng["python"]
+    torch.save({"torch": rng["torch"],
+                "numpy": (n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                          n["cached_gaussian"]),
+                "python": (p["version"], tuple(p["internal"]), p["gauss_next"])}, run / "rng_rank0.pth")
+
+
+def test_an_older_checkpoint_is_refused_with_the_upgrade_which_then_resumes_exactly(full_run, majortom, tmp_path):
+    from pretrain.train import main as train_main
+    from terrafm.model import CheckpointError
+
+    run = tmp_path / "old"
+    cfg = load_config("tiny_cpu", tiny_overrides(majortom, run, [f"data.knn_root={majortom['root'] / 'knn'}",
+                                                                "run.knn_every=30"]))
+    first = train(cfg, resume="auto", stop_after=3)
+    _write_older_format(run)
+    old = {name: (run / name).read_bytes() for name in ("checkpoint.pth", "rng_rank0.pth")}
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pth was written by an older pretrain\.train.*"
+                                              rf"python -m pretrain\.train --upgrade-checkpoint {run}"):
+        train(cfg, resume="auto")
+    assert {name: (run / name).read_bytes() for name in old} == old
+    assert train_main(["--upgrade-checkpoint", str(run)]) == 0
+    assert {name: (run / f"{name}.old-format").read_bytes() for name in old} == old
+    second = train(cfg, resume="auto", stop_after=6)
+    np.testing.assert_allclose(first + second, full_run["losses"][:6], rtol=1e-6, atol=1e-7)
+    assert train_main(["--upgrade-checkpoint", str(run)]) == 0  # already plain: nothing to do
+    assert sorted(p.name for p in run.glob("*.old-format")) == ["checkpoint.pth.old-format", "rng_rank0.pth.old-format"]
+
+
 def test_export_loads_strictly_and_matches_the_teacher(full_run, tmp_path):
     from terrafm.model import create_model, load_weights
 
@@ -93,7 +168,7 @@ def test_export_loads_strictly_and_matches_the_teacher(full_run, tmp_path):
     model = create_model("terrafm_tiny").eval()
     result = load_weights(model, path)
     assert result.fusion_trained and not result.missing_fusion
-    state = torch.load(full_run["out"] / "checkpoint.pth", weights_only=False)
+    state = torch.load(full_run["out"] / "checkpoint.pth", weights_only=True)
     m = full_run["cfg"].model
     _, teacher = build_student_teacher("terrafm_tiny", dict(out_dim=m.out_dim, hidden_dim=m.hidden_dim,
                                                             bottleneck_dim=m.bottleneck_dim))
