@@ -1,8 +1,16 @@
-"""Session-scoped fixtures shared by all test areas. Documented in ``tests/support/__init__.py``."""
+"""Session-scoped fixtures shared by all test areas. Documented in ``tests/support/__init__.py``.
+
+System packages: once the tests are collected, the Debian packages the selected tests need
+(PostgreSQL + PostGIS for the local STAC API, Chromium for the browser tests) are checked. One
+that is missing stops pytest before any test runs with one line naming the ``apt-get`` command;
+``--install-system-packages`` runs that command (as root, or through ``sudo -n``) first.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +19,81 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from support.scene import get_scene  # noqa: E402
+
+CHROMIUM_PACKAGE = "chromium"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--install-system-packages", action="store_true",
+                     help="install the Debian packages the selected tests need (PostgreSQL + PostGIS, Chromium) "
+                          "with apt-get before running them")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "postgis: needs PostgreSQL + PostGIS without the pgstac_server fixture")
+
+
+def _chromium() -> Path:
+    return Path(os.environ.get("TERRAFM_CHROMIUM", "/usr/bin/chromium"))
+
+
+def _missing_chromium() -> str | None:
+    if _chromium().exists():
+        return None
+    return f"Chromium is missing ({_chromium()} not found): apt-get install -y {CHROMIUM_PACKAGE}"
+
+
+def _needs(items) -> dict:
+    """Debian package -> the check of it, for what the selected tests use."""
+    from support.pgstac_server import PG_PACKAGE, missing_postgis
+
+    needs = {}
+    if any("pgstac_server" in item.fixturenames or item.get_closest_marker("postgis") for item in items):
+        needs[PG_PACKAGE] = missing_postgis
+    if any(item.get_closest_marker("browser") for item in items):
+        needs[CHROMIUM_PACKAGE] = _missing_chromium
+    return needs
+
+
+def _apt_get_install(packages: list[str], say) -> str | None:
+    """Run apt-get update + install; a one-line reason when it could not, else None."""
+    apt = shutil.which("apt-get")
+    if apt is None:
+        return f"apt-get not found: install {' '.join(packages)} with this system's package manager"
+    prefix = []
+    if os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            return f"not root and no sudo: run `apt-get install -y {' '.join(packages)}` as root"
+        prefix = ["sudo", "-n"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for args in (["update", "-qq"], ["install", "-y", "-qq", *packages]):
+        say(f"installing system packages: {' '.join(prefix + ['apt-get', *args])}")
+        result = subprocess.run([*prefix, apt, *args], capture_output=True, text=True, env=env)
+        if result.returncode:
+            last = (result.stderr.strip() or result.stdout.strip() or f"exit code {result.returncode}").splitlines()[-1]
+            return f"`{' '.join(prefix + ['apt-get', *args])}` failed ({last})"
+    return None
+
+
+def pytest_collection_finish(session):
+    """Stop before any test runs when a system package the selected tests need is missing
+    (a usage error: one line on stderr, exit code 4)."""
+    config = session.config
+    if config.option.collectonly or not session.items:
+        return
+    needs = _needs(session.items)
+    problems = [problem for check in needs.values() if (problem := check())]
+    if not problems:
+        return
+    if not config.getoption("install_system_packages"):
+        raise pytest.UsageError("; ".join(problems) + " (or run pytest with --install-system-packages)")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    failed = _apt_get_install([package for package, check in needs.items() if check()],
+                              reporter.write_line if reporter is not None else print)
+    problems = [problem for check in needs.values() if (problem := check())]
+    if problems:
+        why = f"--install-system-packages: {failed}" if failed else "still missing after apt-get install"
+        raise pytest.UsageError(f"{'; '.join(problems)} ({why})")
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +149,13 @@ def pc_environment(storage_server):
 def pgstac_server(sentinel_scene, storage_server, pc_environment):
     """stac-fastapi-pgstac over pgstac on PostgreSQL + PostGIS, loaded with the scene's items."""
     from support import stac_items
-    from support.pgstac_server import PgstacServer
+    from support.pgstac_server import MissingSystemPackage, PgstacServer
 
-    server = PgstacServer(stac_items.collections(sentinel_scene),
-                          stac_items.all_items(sentinel_scene, storage_server.url)).start()
+    try:  # a failed start has already stopped what it started
+        server = PgstacServer(stac_items.collections(sentinel_scene),
+                              stac_items.all_items(sentinel_scene, storage_server.url)).start()
+    except MissingSystemPackage as exc:
+        pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
     yield server
     server.stop()
 
