@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,9 @@ class TerraFMSearchError(RuntimeError):
 def aoi_geometry(aoi: Any):
     """Return a shapely geometry in lon/lat from a bbox, shapely geometry, GeoJSON or GeoDataFrame.
 
-    Raises ``ValueError`` for a bbox with a latitude outside [-90, 90] (then it is (lat, lon)
-    order) or min > max. Swaps that stay inside [-90, 90] are caught where data tells them apart:
+    Raises ``ValueError`` for a bbox with a value that is not finite, a latitude outside
+    [-90, 90] (then it is (lat, lon) order), a longitude outside [-180, 180], min > max or no
+    area (west == east or south == north). Swaps that stay inside [-90, 90] are caught where data tells them apart:
     :func:`search` retries an empty search with the coordinates swapped, :func:`load` checks the
     AOI against the item footprints, and both name the fix.
 
@@ -66,22 +68,46 @@ def aoi_geometry(aoi: Any):
     if isinstance(aoi, (tuple, list, np.ndarray)):
         if len(aoi) != 4:
             raise ValueError(f"a bbox needs 4 numbers (west, south, east, north); got {list(aoi)}")
-        west, south, east, north = map(float, aoi)
+        try:
+            west, south, east, north = map(float, aoi)
+        except (TypeError, ValueError):
+            raise ValueError(f"a bbox needs 4 numbers (west, south, east, north); got {list(aoi)}") from None
+        if not np.isfinite([west, south, east, north]).all():
+            raise ValueError(f"bbox {tuple(aoi)} has a value that is not finite; pass 4 finite numbers "
+                             "(west, south, east, north) in degrees")
         if abs(south) > 90 or abs(north) > 90:
             raise ValueError(
                 f"bbox {tuple(aoi)} has a latitude outside [-90, 90]: it looks like (lat, lon) order. "
                 "Pass (west, south, east, north) = (lon_min, lat_min, lon_max, lat_max)."
+            )
+        if abs(west) > 180 or abs(east) > 180:
+            raise ValueError(
+                f"bbox {tuple(aoi)} has a longitude outside [-180, 180]: pass (west, south, east, north) in "
+                "degrees of lon/lat (a bbox in a projected CRS: convert it, e.g. with pyproj's "
+                "Transformer.transform_bounds, or pass a GeoDataFrame with its CRS)"
             )
         if west > east or south > north:
             raise ValueError(
                 f"bbox {tuple(aoi)} has min > max; pass (west, south, east, north) with west < east "
                 "and south < north (lat/lon swapped?)"
             )
+        if west == east or south == north:
+            raise ValueError(
+                f"bbox {tuple(aoi)} has no area ({'west == east' if west == east else 'south == north'}); a bbox "
+                "needs west < east and south < north. For a point, buffer it, e.g. "
+                "(lon - 0.01, lat - 0.01, lon + 0.01, lat + 0.01)"
+            )
         return shapely.geometry.box(west, south, east, north)
     if hasattr(aoi, "geom_type"):
         minx, miny, maxx, maxy = aoi.bounds
+        if not np.isfinite([minx, miny, maxx, maxy]).all():
+            raise ValueError("AOI geometry is empty or has coordinates that are not finite; pass a geometry in lon/lat")
         if abs(miny) > 90 or abs(maxy) > 90:
             raise ValueError("AOI geometry has latitudes outside [-90, 90]: coordinates must be (lon, lat).")
+        if abs(minx) > 180 or abs(maxx) > 180:
+            raise ValueError("AOI geometry has longitudes outside [-180, 180]: coordinates must be (lon, lat) in "
+                             "degrees; reproject a projected geometry to EPSG:4326 first (or pass a GeoDataFrame "
+                             "with its CRS)")
         return aoi
     raise TypeError(f"unsupported AOI type {type(aoi).__name__}: pass a bbox, shapely geometry, GeoJSON or GeoDataFrame")
 
@@ -137,6 +163,88 @@ def _search_terms(collection: str, catalog: catalogs.Catalog | None, base_terms:
     return terms
 
 
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
+_DATE_FIX = "write dates as YYYY-MM-DD (e.g. 2024-06-01), YYYY-MM, YYYY or an RFC 3339 time (2024-06-01T10:30:00Z)"
+
+
+def _date_bounds(part: Any) -> tuple[str, _dt.datetime | None, _dt.datetime | None]:
+    """One end of a STAC datetime range: its text for the API and its first and last instant (UTC).
+
+    A partial date covers its whole period (``2024-06`` is June), as STAC APIs read it; ``..``,
+    ``""`` and None are an open end.
+    """
+    utc = _dt.timezone.utc
+    if part is None or (isinstance(part, str) and part.strip() in ("", "..")):
+        return "..", None, None
+    if isinstance(part, np.datetime64):
+        part = np.datetime_as_string(part, unit="us")
+    if isinstance(part, _dt.datetime):
+        instant = part.astimezone(utc) if part.tzinfo else part.replace(tzinfo=utc)
+        return instant.replace(tzinfo=None).isoformat() + "Z", instant, instant
+    if isinstance(part, _dt.date):
+        first = _dt.datetime(part.year, part.month, part.day, tzinfo=utc)
+        return part.isoformat(), first, first + _dt.timedelta(days=1, microseconds=-1)
+    if not isinstance(part, str):
+        raise TypeError(f"{part!r} ({type(part).__name__}) is not a date; {_DATE_FIX}")
+    text = part.strip()
+    match = _DATE.match(text)
+    try:
+        if match is None:
+            instant = _dt.datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
+            if not re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}", text):
+                raise ValueError("not an ISO date")
+            return _date_bounds(instant)
+        year, month, day = (int(g) if g else None for g in match.groups())
+        first = _dt.datetime(year, month or 1, day or 1, tzinfo=utc)
+    except ValueError as exc:
+        reason = "" if "isoformat" in str(exc) or "ISO" in str(exc) else f": {exc}"
+        raise ValueError(f"{part!r} is not a date{reason}; {_DATE_FIX}") from None
+    if day is not None:
+        after = first + _dt.timedelta(days=1)
+    elif month is not None:
+        after = first.replace(year=year + month // 12, month=month % 12 + 1)
+    else:
+        after = first.replace(year=year + 1)
+    return text, first, after - _dt.timedelta(microseconds=1)
+
+
+def _stac_datetime(value: Any) -> str:
+    """A checked STAC datetime range: every part a date, an open end (``..``) or a time, start <= end.
+
+    Accepts ``"start/end"``, a (start, end) pair of strings, dates, datetimes (naive = UTC),
+    pandas Timestamps or numpy datetime64, or one of these alone. Returns the range as sent to
+    the API (datetimes in RFC 3339 with ``Z``).
+
+    Examples
+    --------
+    >>> _stac_datetime(("2024-06-01", _dt.date(2024, 6, 30)))
+    '2024-06-01/2024-06-30'
+    >>> _stac_datetime("2024-06-30/2024-06-01")
+    Traceback (most recent call last):
+    ...
+    ValueError: the date range 2024-06-30/2024-06-01 starts after it ends: 2024-06-30 > 2024-06-01; swap the start and end dates
+    """
+    if isinstance(value, str):
+        parts, shown = value.split("/"), value
+    elif isinstance(value, (_dt.date, np.datetime64)) or value is None:
+        parts, shown = [value], str(value)
+    else:
+        parts = list(value)
+        shown = "/".join(str(p) for p in parts)
+    if len(parts) > 2 or not parts:
+        raise ValueError(f"{shown!r} has {len(parts)} parts; a date range is 'start/end' or a (start, end) pair, "
+                         f"e.g. '2024-06-01/2024-06-30'; {_DATE_FIX}")
+    bounds = [_date_bounds(p) for p in parts]
+    texts = [b[0] for b in bounds]
+    if all(t == ".." for t in texts):
+        raise ValueError(f"the date range {'/'.join(texts)!r} is open at both ends; give a start or an end, "
+                         "e.g. '2024-06-01/..'")
+    if len(bounds) == 2 and bounds[0][1] is not None and bounds[1][2] is not None and bounds[0][1] > bounds[1][2]:
+        raise ValueError(f"the date range {'/'.join(texts)} starts after it ends: {texts[0]} > {texts[1]}; swap the "
+                         "start and end dates")
+    return "/".join(texts)
+
+
 def search(
     aoi: Any,
     datetime: str | Sequence[str],
@@ -161,10 +269,15 @@ def search(
     aoi : bbox, shapely geometry, GeoJSON mapping or GeoDataFrame
         Area of interest in lon/lat (a bbox is (west, south, east, north)).
     datetime : str or (start, end)
-        STAC datetime range, e.g. ``"2023-06-01/2023-08-31"``.
-    collections : sequence of str
+        STAC datetime range, e.g. ``"2023-06-01/2023-08-31"``; each end a date (``YYYY-MM-DD``,
+        ``YYYY-MM`` or ``YYYY``, covering its whole period), an RFC 3339 time, a
+        ``datetime``/``date``/pandas Timestamp (naive = UTC) or ``..`` (open). A date that does
+        not exist, a start after the end and other mistakes raise ``ValueError`` before any
+        request, as do a bbox outside lon/lat range and impossible ``max_cloud``/``limit``.
+    collections : str or sequence of str
         Collection ids (see each modality's ``collections`` in :mod:`terrafm.sensors`); ids no
         table knows are searched too and read from their items' own metadata by :func:`load`.
+        A single string is one collection.
     catalog : str or None
         A registered catalog (``"planetary-computer"``, ``"earth-search"``: see
         :data:`terrafm.catalogs.CATALOGS`), a URL, or ``None`` with ``url``.
@@ -202,8 +315,22 @@ def search(
 
     origin, endpoint = _catalog(catalog, url)
     geom = aoi_geometry(aoi)
-    if not isinstance(datetime, str):
-        datetime = "/".join(str(d) for d in datetime)
+    datetime = _stac_datetime(datetime)
+    if isinstance(collections, str):
+        collections = [collections]
+    collections = list(collections)
+    if not collections:
+        raise ValueError("collections is empty; pass collection ids, e.g. ('sentinel-2-l2a', 'sentinel-1-rtc')")
+    if max_cloud is not None and not (isinstance(max_cloud, (int, float)) and 0 <= max_cloud <= 100):
+        raise ValueError(f"max_cloud={max_cloud!r}: cloud cover is a percentage in [0, 100], e.g. max_cloud=30 "
+                         "(or None for no limit)")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r}: the maximum number of items per collection is a positive integer, or "
+                         "None for all")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout={timeout!r}: seconds per API request must be > 0, e.g. 60")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries={max_retries!r} must be an integer >= 0, e.g. 5")
     retry = Retry(**dict(_API_RETRY, total=max_retries), allowed_methods=None, raise_on_status=False)
 
     def api_failed(err: APIError) -> TerraFMSearchError:
@@ -610,6 +737,10 @@ def open_sentinel(
 ) -> xr.Dataset:
     """One call from a place and a time to a lazy, georeferenced Dataset (search + sign + load).
 
+    Everything that can be checked without the network is checked before the search: the
+    dates (as :func:`search`), the AOI, the catalog, the names of ``load_kwargs`` (arguments
+    of :func:`load`) and a ``resolution`` that is not a positive number.
+
     Examples
     --------
     >>> import terrafm                                                       # doctest: +SKIP
@@ -617,8 +748,28 @@ def open_sentinel(
     ...                            max_cloud=30)  # doctest: +SKIP
     >>> ds = terrafm.prepare.normalize(ds)  # doctest: +SKIP
     """
-    items = search(aoi, f"{start}/{end}", collections, catalog, url=url, max_cloud=max_cloud)
+    _check_load_arguments(aoi, load_kwargs)
+    items = search(aoi, (start, end), collections, catalog, url=url, max_cloud=max_cloud)
     return load(items, aoi, **load_kwargs)
+
+
+def _check_load_arguments(aoi: Any, load_kwargs: Mapping[str, Any]) -> None:
+    """Refuse, before a search, ``load`` arguments that do not exist and an impossible resolution."""
+    import inspect
+
+    parameters = inspect.signature(load).parameters
+    unknown = sorted(set(load_kwargs) - set(parameters))
+    if unknown:
+        raise TypeError(f"unknown argument {unknown[0]!r} for terrafm.stac.load (open_sentinel passes its extra "
+                        f"arguments to it); its arguments: {[p for p in parameters if p not in ('items', 'aoi')]}")
+    for taken in ("items", "aoi"):
+        if taken in load_kwargs:
+            raise TypeError(f"open_sentinel sets load's {taken!r} itself; drop that argument")
+    resolution = load_kwargs.get("resolution", 10)
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not np.isfinite(resolution) \
+            or resolution <= 0:
+        raise ValueError(f"resolution={resolution!r}: the pixel size in metres (CRS units) must be a positive "
+                         "number; TerraFM's grid is 10")
 
 
 def save(ds: xr.Dataset, path: str | os.PathLike, overwrite: bool = False, **to_zarr_kwargs: Any) -> Path:
