@@ -23,6 +23,8 @@ import pytest
 from support import pgstac_server
 from support.pgstac_server import PG_PACKAGE, MissingSystemPackage, PgstacServer, missing_postgis
 
+pytestmark = pytest.mark.postgis  # copies Debian's PostgreSQL binaries, starts PostgreSQL
+
 ROOT = Path(__file__).resolve().parents[2]
 DEBIAN_PG = Path("/usr/lib/postgresql/15")
 DEBIAN_SHARE = Path("/usr/share/postgresql/15")
@@ -145,7 +147,6 @@ def test_postgis_unavailable_in_the_running_server_stops_it(pg_without_postgis, 
     assert not _port_open(server.pg_port) and not server.workdir.exists()
 
 
-@pytest.mark.postgis
 def test_a_failure_while_loading_items_stops_postgresql():
     item = {"type": "Feature", "stac_version": "1.0.0", "id": "orphan", "collection": "no-such-collection",
             "geometry": {"type": "Point", "coordinates": [0, 0]}, "bbox": [0, 0, 0, 0],
