@@ -229,9 +229,9 @@ def sources_of(obj: Any) -> set[Path]:
     >>> import tempfile, numpy as np, xarray as xr
     >>> path = Path(tempfile.mkdtemp()) / "a.zarr"
     >>> _ = xr.Dataset({"a": ("x", np.arange(4.0))}).to_zarr(path, consolidated=False)
-    >>> sources_of(xr.open_zarr(path)["a"] * 2) == {path.resolve() / "a"}
+    >>> sources_of(xr.open_zarr(path, consolidated=False)["a"] * 2) == {path.resolve() / "a"}
     True
-    >>> sources_of(xr.open_zarr(path).load())
+    >>> sources_of(xr.open_zarr(path, consolidated=False).load())
     set()
     """
     found: set[Path] = set()
