@@ -239,3 +239,49 @@ def test_resume_that_changes_nothing_equals_clean_run(runs, files, tmp_path, mon
     EMBED.embed(second_ds, out=store, **{**BASE, **second_kw})
     EMBED.embed(first_ds, out=tmp_path / "clean.zarr", **{**BASE, **first_kw})
     assert_same_store(store, tmp_path / "clean.zarr")
+
+
+# ---------------------------------------------------------------------- STAC provenance (local blob store)
+@pytest.fixture(scope="module")
+def s2_items(sentinel_scene, pc_environment):
+    import pystac
+    from support import stac_items
+
+    return [pystac.Item.from_dict(d) for d in stac_items.pc_s2_items(sentinel_scene, include_baseline4=False)]
+
+
+def _load(items, scene, **kw):
+    from terrafm.stac import load
+
+    return load(items, scene.aoi_bbox, chunks=False, catalog="planetary-computer", **kw)
+
+
+def test_stac_load_records_the_items_and_settings_it_read(s2_items, sentinel_scene):
+    assert len(s2_items) >= 2
+    ds = _load(s2_items, sentinel_scene)
+    assert ds.attrs["terrafm_items"] == sorted(f"sentinel-2-l2a/{item.id}" for item in s2_items)
+    digest = ds.attrs["terrafm_items_sha256"]
+    assert len(digest) == 64
+    assert _load(s2_items[::-1], sentinel_scene).attrs["terrafm_items_sha256"] == digest      # order is not content
+    assert _load(s2_items[1:], sentinel_scene).attrs["terrafm_items_sha256"] != digest
+    assert _load(s2_items, sentinel_scene, resampling="bilinear").attrs["terrafm_items_sha256"] != digest
+
+
+def test_stac_input_resume_refused_when_the_load_differs(s2_items, sentinel_scene, tmp_path, monkeypatch):
+    def area(ds):
+        return ds.isel(time=[0], y=slice(0, 96), x=slice(0, 96))
+
+    ds = area(_load(s2_items, sentinel_scene))
+    kw = {**BASE, "model": tiny(0)}
+    store = tmp_path / "emb.zarr"
+    first_block_only(monkeypatch, ds, store, **kw)
+    before = snapshot(store)
+    bilinear = area(_load(s2_items, sentinel_scene, resampling="bilinear"))
+    np.testing.assert_array_equal(bilinear.time.values, ds.time.values)
+    with pytest.raises(ValueError, match=r"input: the store has 'stac-items-sha256:[0-9a-f]{16}\.\.\.', this run "
+                                         r"'stac-items-sha256:[0-9a-f]{16}\.\.\.'.*the same STAC items"):
+        EMBED.embed(bilinear, out=store, **kw)
+    assert snapshot(store) == before
+    EMBED.embed(area(_load(s2_items, sentinel_scene)), out=store, **kw)       # the same load in a new session
+    EMBED.embed(ds, out=tmp_path / "clean.zarr", **kw)
+    assert_same_store(store, tmp_path / "clean.zarr")
