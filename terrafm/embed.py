@@ -314,7 +314,7 @@ def _store_to_write(target: Path, fp: dict, template, overwrite: bool, resume: b
     """Where this run writes its blocks: ``target`` itself (new or resumed), or with
     ``overwrite=True`` over an existing path a resumable partial sibling renamed onto ``target``
     when complete."""
-    if not target.exists():
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         _create_store(target, template())
         return target
     if not overwrite:

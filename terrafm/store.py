@@ -277,9 +277,9 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, reads
 
     The rules (README, "Embeddings"): never write into or over what the data being written is
     still read from (``reads``, e.g. :func:`sources_of`), even with ``overwrite=True``; an existing
-    ``path`` is replaced only with ``overwrite=True``, and only if it is a file, a zarr store or an
-    empty directory (another directory is never deleted, whatever ``overwrite``); the nearest
-    existing parent must be a writable directory (missing parents are created when writing).
+    ``path`` other than an empty directory is replaced only with ``overwrite=True``, and only if it
+    is a file or a zarr store (another directory is never deleted, whatever ``overwrite``); the
+    nearest existing parent must be a writable directory (missing parents are created when writing).
 
     Raises
     ------
@@ -313,8 +313,8 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, reads
                 f"{given} is where the {what} is still read from ({source}): writing there would destroy its "
                 "own input. Write to another path, or load the data into memory first (obj.load()) and pass "
                 "overwrite=True")
-    if target.exists():
-        if target.is_dir() and any(target.iterdir()) and not is_zarr_store(target):
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):   # an empty folder holds nothing
+        if target.is_dir() and not is_zarr_store(target):
             raise IsADirectoryError(
                 f"{given} is a directory that is not a zarr store (it holds {_listing(target)}); terrafm replaces "
                 "files and zarr stores (with overwrite=True), never other directories: choose another path")

@@ -360,3 +360,13 @@ def test_open_embedding_counts_missing_blocks(world):
     with warnings.catch_warnings():
         warnings.simplefilter("error", terrafm.store.IncompleteStoreWarning)
         np.testing.assert_array_equal(open_embedding(store).values, world.memory_embedding().values)
+
+
+def test_an_empty_folder_is_written_into_without_overwrite(world):
+    (world.tmp / "emb.zarr").mkdir()
+    emb = EMBED.embed(world.ds, out=world.tmp / "emb.zarr", **world.kw())
+    np.testing.assert_array_equal(emb.values, world.memory_embedding().values)
+    (world.tmp / "copy.zarr").mkdir()
+    to_zarr(emb.load(), world.tmp / "copy.zarr")
+    np.testing.assert_array_equal(open_embedding(world.tmp / "copy.zarr").values, emb.values)
+    assert sorted(p.name for p in world.tmp.iterdir()) == ["copy.zarr", "emb.zarr"]
