@@ -54,7 +54,7 @@ SAMPLE_WINDOW = 32
 """Side in pixels of one sampled window."""
 
 SAMPLE_WINDOWS = 5
-"""Windows sampled per date: the centre and the centres of the four quadrants."""
+"""Windows sampled per date: the centre and the four corners."""
 
 SAMPLE_TIMES = 3
 """Dates sampled: the first, the middle and the last."""
@@ -78,24 +78,24 @@ def _see(message: str) -> str:
 # sampling
 # =================================================================================================
 def sample_windows(height: int, width: int, size: int = SAMPLE_WINDOW) -> list[tuple[slice, slice]]:
-    """The deterministic windows sampled from a ``height x width`` grid: from the centre and from
-    the centres of the four quadrants (fewer when they coincide), each ``size`` pixels a side
-    (clipped to the grid). A window starts at its point rather than straddling it, so on dask
-    chunks of power-of-two sizes each window reads one chunk.
+    """The deterministic windows sampled from a ``height x width`` grid: one from the centre and
+    one in each corner (nodata markers and footprint edges show there), fewer when they
+    coincide, each ``size`` pixels a side (clipped to the grid). The centre window starts at the
+    centre rather than straddling it, so on dask chunks of power-of-two sizes every window reads
+    one chunk.
 
     Examples
     --------
-    >>> sample_windows(64, 64, 32)[0]
-    (slice(32, 64, None), slice(32, 64, None))
+    >>> sample_windows(64, 64, 32)[:2]
+    [(slice(32, 64, None), slice(32, 64, None)), (slice(0, 32, None), slice(0, 32, None))]
     >>> len(sample_windows(1000, 2000)), len(sample_windows(20, 20))
     (5, 1)
     """
     wy, wx = min(size, height), min(size, width)
-    centres = [(0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)][:SAMPLE_WINDOWS]
+    starts = [(min(height // 2, height - wy), min(width // 2, width - wx)),
+              (0, 0), (0, width - wx), (height - wy, 0), (height - wy, width - wx)][:SAMPLE_WINDOWS]
     windows: list[tuple[slice, slice]] = []
-    for fy, fx in centres:
-        y0 = min(int(fy * height), height - wy)
-        x0 = min(int(fx * width), width - wx)
+    for y0, x0 in starts:
         window = (slice(y0, y0 + wy), slice(x0, x0 + wx))
         if window not in windows:
             windows.append(window)
@@ -119,7 +119,7 @@ def _pieces(da: xr.DataArray, times: list[int] | None, windows) -> list[Any]:
     """``da``'s sampled windows as (lazy or numpy) arrays ``(..., y, x)``."""
     out = []
     for t in times if times is not None else [None]:
-        picked = da if t is None else da.isel(time=t)
+        picked = da if t is None or "time" not in da.dims else da.isel(time=t)
         for ys, xs in windows:
             out.append(picked.isel(y=ys, x=xs).data)
     return out
@@ -340,6 +340,8 @@ def check_values(ds: xr.Dataset, modalities: Sequence[str] | None = None) -> Non
         return
     windows = sample_windows(ds.sizes["y"], ds.sizes["x"])
     times = sample_times(ds.sizes["time"]) if "time" in ds.dims else None
+    if times == [] or 0 in (ds.sizes["y"], ds.sizes["x"]):
+        return
     plan: list[tuple[sensors.Modality, bool, list[str], str | None]] = []
     pieces: list[Any] = []
     for m, normalized in inputs:
