@@ -232,7 +232,7 @@ NOTEBOOKS = {
         ("md", "## Export and load\n`pretrain.export` (also `python -m pretrain.export CHECKPOINT OUT`) writes "
                "the teacher backbone in the release layout, with the trained fusion; `terrafm.create_model` "
                "loads it strictly."),
-        ("code", "weights = export_teacher(RUN_DIR / \"checkpoint.pth\", RUN_DIR / \"terrafm_pretrained.pth\")\n"
+        ("code", "weights = export_teacher(RUN_DIR / \"checkpoint.pth\", RUN_DIR / \"terrafm_pretrained.pth\", overwrite=True)\n"
                  "model = terrafm.create_model(train_cfg.model.name, weights=weights).eval()\n"
                  "print(weights, \"sha256\", model.checkpoint_sha256[:12])"),
         ("md", "## Embed with your model\nThe same area as the other notebooks, embedded by the model you just "

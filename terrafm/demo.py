@@ -83,10 +83,10 @@ def run_demo(weights: str = "hf", out: str = "terrafm-demo", device: str = "auto
 
         try:
             load_weights(model, weights)
-        except Exception as exc:  # offline, no cache, bad path
-            logger.error("could not load TerraFM weights %r: %s\nNo network and no cached weights? "
-                         "Run `terrafm demo --weights random` to try the pipeline with an UNTRAINED "
-                         "model, or pass --weights PATH to a downloaded TerraFM-B.pth.", weights, exc)
+        except Exception as exc:  # offline, no cache, bad or refused file
+            hint = (" Offline? `terrafm demo --weights random` tries the pipeline with an UNTRAINED model, "
+                    "or pass --weights PATH to a downloaded TerraFM-B.pth." if weights == "hf" else "")
+            logger.error("could not load TerraFM weights %r: %s%s", weights, " ".join(str(exc).split()), hint)
             return 2
     else:
         logger.warning("--weights random: running an UNTRAINED model; the picture shows structure only")

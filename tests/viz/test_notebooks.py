@@ -62,7 +62,7 @@ from terrafm.model import create_model as _create, load_weights as _load
 from pretrain.head import build_student_teacher as _pair
 _fresh = _create(train_cfg.model.name).eval()
 _result = _load(_fresh, weights)
-_state = torch.load(RUN_DIR / "checkpoint.pth", map_location="cpu", weights_only=False)
+_state = torch.load(RUN_DIR / "checkpoint.pth", map_location="cpu", weights_only=True)
 _m = train_cfg.model
 _, _teacher = _pair(_m.name, dict(out_dim=_m.out_dim, hidden_dim=_m.hidden_dim, bottleneck_dim=_m.bottleneck_dim))
 _teacher.load_state_dict(_state["teacher"])
