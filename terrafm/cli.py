@@ -181,10 +181,9 @@ def _cmd_demo(args) -> int:
         except Exception as exc:
             if not (_raised_by_terrafm(exc) or isinstance(exc, OSError)):
                 raise
-            raise CommandError(
-                f"could not load TerraFM weights {args.weights!r}: {_one_line(exc)} No network and no cached "
-                "weights? Run `terrafm demo --weights random` to try the pipeline with an UNTRAINED model, or "
-                "pass --weights PATH to a downloaded TerraFM-B.pth.") from exc
+            hint = (" Offline? `terrafm demo --weights random` tries the pipeline with an UNTRAINED model, or pass "
+                    "--weights PATH to a downloaded TerraFM-B.pth." if args.weights == "hf" else "")
+            raise CommandError(f"could not load TerraFM weights {args.weights!r}: {_one_line(exc)}{hint}") from exc
     return run_demo(weights=args.weights, out=args.out, device=args.device)
 
 
