@@ -342,18 +342,39 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pretrai
     if not path.exists():
         raise FileNotFoundError(f"config {str(path)!r} not found; pass a YAML file or one of "
                                 f"{sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path} is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}; fix the "
+                          "file (sections are mappings, e.g. 'optim: {epochs: 10}')") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} holds a {type(raw).__name__}, not a mapping of sections; write it as "
+                          f"'section: {{key: value}}' with sections {list(_SECTIONS)}")
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r} must look like section.field=value, e.g. data.root=/data")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = _parse_value(value)
+        if raw.get(section) is None:
+            raw[section] = {}
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section {section!r} of {path} is {raw[section]!r}, not a mapping; write it as "
+                              f"'{section}: {{key: value}}'")
+        try:
+            raw[section][name] = _parse_value(value)
+        except Exception as exc:    # yaml.YAMLError
+            raise ConfigError(f"override {item!r}: {value!r} is not a YAML value ({getattr(exc, 'problem', exc)}); "
+                              "quote text, e.g. data.root='/data/a b'") from None
     sections = {}
     for section, values in raw.items():
         if section not in _SECTIONS:
             raise ConfigError(f"unknown config section {section!r} in {path}; known: {list(_SECTIONS)}")
         cls = _SECTIONS[section]
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} of {path} is {values!r}, not a mapping; write it as "
+                              f"'{section}: {{key: value}}'")
         known = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(values or {}) - known)
         if bad:

@@ -213,6 +213,9 @@ def knn(
         if labels is not None and labels.ndim == 2 and labels.shape[1] != train_y.shape[1]:
             raise ValueError(f"multi-hot train_labels have {train_y.shape[1]} classes but {name} have "
                              f"{labels.shape[1]}; use one column per class in every split")
+    if average not in ("micro", "macro", "weighted", "samples"):
+        raise ValueError(f"average={average!r}: multi-label F1 averages are 'micro', 'macro', 'weighted' or "
+                         "'samples' (GEO-Bench m-BigEarthNet uses 'micro')")
     if multilabel is None:
         multilabel = train_y.ndim == 2
     elif multilabel != (train_y.ndim == 2):

@@ -62,6 +62,9 @@ def aoi_geometry(aoi: Any):
     import shapely.geometry
 
     if hasattr(aoi, "to_crs") and hasattr(aoi, "geometry"):  # GeoDataFrame / GeoSeries
+        if getattr(aoi, "crs", None) is None:
+            raise ValueError("the AOI GeoDataFrame has no CRS; set its real one, e.g. aoi.set_crs('EPSG:4326') for "
+                             "lon/lat or aoi.set_crs('EPSG:32632') for UTM metres")
         aoi = aoi.to_crs(4326).union_all() if hasattr(aoi, "union_all") else aoi.to_crs(4326).unary_union
     if isinstance(aoi, Mapping):
         aoi = shapely.geometry.shape(aoi.get("geometry", aoi))
@@ -245,6 +248,29 @@ def _stac_datetime(value: Any) -> str:
     return "/".join(texts)
 
 
+_QUERY_OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "startsWith", "endsWith", "contains", "in")
+
+
+def _query_terms(terms: dict) -> dict:
+    """STAC query-extension terms, each ``{"property": {"op": value}}``; a bare value is refused
+    (it is almost always a misspelt argument such as ``max_clouds=20``)."""
+    import difflib
+    import inspect
+
+    arguments = [p for p in inspect.signature(search).parameters if p not in ("aoi", "query")]
+    for name, condition in terms.items():
+        if isinstance(condition, Mapping) and condition and set(condition) <= set(_QUERY_OPERATORS):
+            continue
+        close = difflib.get_close_matches(name, arguments, n=1)
+        raise ValueError(
+            f"{name}={condition!r} is neither an argument of search"
+            + (f" (did you mean {close[0]}=?)" if close else "")
+            + " nor a STAC query term: a query term maps an item property to operators, e.g. "
+            "query={'sat:orbit_state': {'eq': 'ascending'}, 'eo:cloud_cover': {'lt': 20}}; operators: "
+            f"{list(_QUERY_OPERATORS)}")
+    return terms
+
+
 def search(
     aoi: Any,
     datetime: str | Sequence[str],
@@ -340,11 +366,11 @@ def search(
             f"{max_retries} retries with back-off). If it is overloaded (429/5xx), try again later or "
             "raise max_retries; otherwise check url=/catalog= and the search terms.")
 
+    base_terms = _query_terms(dict(query.pop("query", None) or {}, **query))
     try:
         client = pystac_client.Client.open(endpoint, stac_io=StacApiIO(max_retries=retry, timeout=timeout))
     except APIError as err:
         raise api_failed(err) from err
-    base_terms = dict(query.pop("query", None) or {}, **query)
 
     def run(geometry, max_items):
         found = []

@@ -57,7 +57,14 @@ def labels_to_grid(emb: xr.DataArray, labels, column: str = "class") -> tuple[np
     import geopandas as gpd
 
     if not isinstance(labels, gpd.GeoDataFrame):
-        raise TypeError("labels must be a GeoDataFrame (points/polygons) or a label raster xr.DataArray")
+        hint = ""
+        if hasattr(labels, "columns"):
+            hint = ("; for a table of coordinates: gpd.GeoDataFrame(df, geometry=gpd.points_from_xy(df.lon, df.lat), "
+                    "crs='EPSG:4326')")
+        elif isinstance(labels, xr.Dataset):
+            hint = f"; pick the label variable, e.g. labels[{next(iter(labels.data_vars), 'name')!r}]"
+        raise TypeError(f"labels must be a GeoDataFrame (points/polygons) or a label raster xr.DataArray, got "
+                        f"{type(labels).__name__}{hint}")
     if column not in labels.columns:
         raise ValueError(f"labels have no column {column!r} (columns: {list(labels.columns)}); pass column=...")
     if labels.crs is None:
@@ -172,10 +179,15 @@ def _raster_to_grid(template: xr.DataArray, raster: xr.DataArray) -> tuple[np.nd
 
     if raster.rio.crs is None:
         raise ValueError("label raster has no CRS; set it with raster.rio.write_crs(...)")
-    if "band" in raster.dims:
-        raster = raster.isel(band=0, drop=True)
-    if "time" in raster.dims:
-        raster = raster.isel(time=0, drop=True)
+    for dim in ("band", "time"):
+        if dim in raster.dims:
+            if raster.sizes[dim] != 1:
+                raise ValueError(f"label raster has {raster.sizes[dim]} {dim}s; a label map is one layer of class "
+                                 f"codes: pick it, e.g. raster.isel({dim}=0)")
+            raster = raster.isel({dim: 0}, drop=True)
+    if set(raster.dims) != {"y", "x"}:
+        raise ValueError(f"label raster has dims {raster.dims}; it must be (y, x) (a 'band' or 'time' of size 1 "
+                         "is dropped)")
     nodata = raster.rio.nodata
     if nodata is not None and not np.isfinite(nodata):
         nodata = None                        # NaN nodata: NaN is unlabelled anyway

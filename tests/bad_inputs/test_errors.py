@@ -76,12 +76,24 @@ ANALYSIS_CASES = [
     pytest.param(lambda e, s: to_rgb(e, chunk_size=0), ValueError, r"chunk_size=0.*positive integer", id="rgb-chunk-zero"),
     pytest.param(lambda e, s: to_rgb(e, method="pca", n_neighbors=15), ValueError, r"n_neighbors.*not an option of pca.*options:", id="rgb-unknown-option"),
     pytest.param(lambda e, s: to_rgb(e, method="pca", n_components=2), ValueError, r"n_components.*always 3", id="rgb-n-components"),
+    pytest.param(lambda e, s: fit_classifier(e, _two_points().drop(columns="geometry")), TypeError,
+                 r"got DataFrame.*gpd\.points_from_xy\(df\.lon, df\.lat\)", id="classifier-plain-dataframe"),
+    pytest.param(lambda e, s: fit_classifier(e, _rgb_raster()), ValueError,
+                 r"label raster has 3 bands.*raster\.isel\(band=0\)", id="classifier-multiband-raster"),
     pytest.param(lambda e, s: fit_classifier(e, _two_points(), temperature=0), ValueError, r"temperature=0.*> 0.*0\.07", id="classifier-temperature-zero"),
     pytest.param(lambda e, s: fit_classifier(e, _two_points(), block_size=0), ValueError, r"block_size=0.*positive integer", id="classifier-block-zero"),
     pytest.param(lambda e, s: fit_classifier(e, _two_points(), n_folds=1), ValueError, r"n_folds=1.*>= 2", id="classifier-one-fold"),
     pytest.param(lambda e, s: fit_classifier(e, _two_points(), k=1).predict_proba(e.values[5, 5]), ValueError,
                  r"\(n, 8\).*got shape \(8,\).*\[None\]", id="classifier-proba-1d"),
 ]
+
+
+def _rgb_raster():
+    values = np.random.default_rng(0).integers(1, 5, (3, 10, 12)).astype("uint8")
+    da = xr.DataArray(values, dims=("band", "y", "x"),
+                      coords={"band": [1, 2, 3], "y": ORIGIN[1] - RES * (np.arange(10) + 0.5),
+                              "x": ORIGIN[0] + RES * (np.arange(12) + 0.5)})
+    return da.rio.write_crs(CRS).rio.write_transform(Affine(RES, 0, ORIGIN[0], 0, -RES, ORIGIN[1]))
 
 
 def _two_points():
@@ -131,6 +143,8 @@ KNN_CASES = [
     pytest.param(lambda: knn(X, Y, X, Y, ks=(0, 3)), r"ks.*\[0\].*positive integers", id="knn-ks-zero"),
     pytest.param(lambda: knn(X, Y, X, Y, ks=(3,), test_labels=Y), r"test_labels given without test_features", id="knn-test-labels-alone"),
     pytest.param(lambda: knn(X, Y, X, Y, ks=(3,), temperature=0.0), r"temperature=0\.0.*> 0", id="knn-temperature-zero"),
+    pytest.param(lambda: knn(X, np.c_[Y, 1 - Y], X, np.c_[Y, 1 - Y], ks=(3,), average="mean"),
+                 r"average='mean'.*'micro', 'macro'", id="knn-average-unknown"),
 ]
 
 
@@ -182,6 +196,23 @@ def test_impossible_config_values_are_refused(overrides, message):
         load_config("tiny_cpu", overrides + ["optim.centering=dino"]).validate()
 
 
+@pytest.mark.parametrize("text, overrides, message", [
+    pytest.param("- optim\n- data\n", [], r"holds a list, not a mapping of sections", id="file-is-a-list"),
+    pytest.param("optim: 5\n", [], r"section 'optim' of .* is 5, not a mapping.*'optim: \{key: value\}'", id="section-not-mapping"),
+    pytest.param("optim: {epochs: [1\n", [], r"is not valid YAML at line \d+, column \d+.*fix the file", id="yaml-syntax"),
+    pytest.param("optim: {epochs: 3}\n", ["optim.epochs=[1"], r"override 'optim.epochs=\[1': '\[1' is not a YAML value",
+                 id="override-bad-yaml"),
+    pytest.param("optim: 5\n", ["optim.epochs=3"], r"section 'optim' .* is 5, not a mapping", id="override-into-scalar"),
+])
+def test_config_file_mistakes(tmp_path, text, overrides, message):
+    from pretrain.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides)
+
+
 def test_yaml_exponent_without_dot_is_read_as_a_number():
     """YAML 1.1 reads ``1e-4`` as a string; a float field takes it as the number it means."""
     from pretrain.config import load_config
@@ -227,6 +258,15 @@ def fake_client(monkeypatch):
 
 
 BBOX = (11.50, 48.10, 11.56, 48.14)
+
+
+def _gdf_without_crs():
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    return gpd.GeoDataFrame(geometry=[box(*BBOX)])
+
+
 STAC_CASES = [
     pytest.param(lambda: stac.search(BBOX, "2024-06-30/2024-06-01", url=UNREACHABLE), ValueError,
                  r"starts after it ends: 2024-06-30 > 2024-06-01.*swap", id="search-start-after-end"),
@@ -252,6 +292,13 @@ STAC_CASES = [
                  r"max_cloud=150.*percentage in \[0, 100\]", id="search-max-cloud"),
     pytest.param(lambda: stac.search(BBOX, "2024-06", url=UNREACHABLE, limit=0), ValueError,
                  r"limit=0.*positive integer.*None", id="search-limit-zero"),
+    pytest.param(lambda: stac.search(BBOX, "2024-06", url=UNREACHABLE, max_clouds=20), ValueError,
+                 r"max_clouds=20 is neither an argument of search \(did you mean max_cloud=\?\) nor a STAC query term.*"
+                 r"query=\{'sat:orbit_state'", id="search-misspelt-argument"),
+    pytest.param(lambda: stac.search(BBOX, "2024-06", url=UNREACHABLE, query={"eo:cloud_cover": 20}), ValueError,
+                 r"eo:cloud_cover=20 is neither.*operators: \['eq'", id="search-query-term-without-operator"),
+    pytest.param(lambda: stac.search(_gdf_without_crs(), "2024-06", url=UNREACHABLE), ValueError,
+                 r"AOI GeoDataFrame has no CRS.*set_crs\('EPSG:4326'\)", id="search-aoi-without-crs"),
     pytest.param(lambda: stac.open_sentinel(BBOX, "2024-06-30", "2024-06-01", url=UNREACHABLE), ValueError,
                  r"starts after it ends: 2024-06-30 > 2024-06-01.*swap", id="open-start-after-end"),
     pytest.param(lambda: stac.open_sentinel(BBOX, "2024-06-01", "2024-31-06", url=UNREACHABLE), ValueError,
@@ -296,3 +343,10 @@ def test_a_single_collection_string_is_one_collection(fake_client):
     with pytest.raises(ValueError, match=r"no items in \['sentinel-2-l2a'\]"):
         stac.search(BBOX, "2024-06", url=UNREACHABLE, collections="sentinel-2-l2a")
     assert [s["collections"] for s in fake_client.searches] == [["sentinel-2-l2a"]] * len(fake_client.searches)
+
+
+def test_query_terms_with_operators_reach_the_api(fake_client):
+    with pytest.raises(ValueError, match="no items"):
+        stac.search(BBOX, "2024-06", ("sentinel-1-rtc",), url=UNREACHABLE, query={"sat:orbit_state": {"eq": "ascending"}},
+                    platform={"eq": "sentinel-1a"})
+    assert fake_client.searches[0]["query"] == {"sat:orbit_state": {"eq": "ascending"}, "platform": {"eq": "sentinel-1a"}}
