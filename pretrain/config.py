@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,9 +246,9 @@ def _type_rule(value: Any, annotation: str) -> str | None:
     if kind == "bool":
         return None if is_bool else "true or false"
     if kind == "int":
-        return None if isinstance(value, int) and not is_bool else "an integer"
+        return None if isinstance(value, numbers.Integral) and not is_bool else "an integer"
     if kind == "float":
-        return None if isinstance(value, (int, float)) and not is_bool else "a number"
+        return None if isinstance(value, numbers.Real) and not is_bool else "a number"
     if kind == "str":
         return None if isinstance(value, str) else "a string"
     return None
