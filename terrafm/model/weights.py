@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,8 +148,17 @@ def non_finite_tensors(state) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).splitlines()
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()   # torch colours some messages
     return lines[0] if lines else "no message"
+
+
+def _pickled_objects(path: Path, exc: Exception) -> str:
+    """The classes and functions a refused checkpoint would unpickle, for the message."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint, or an older torch: fall back on torch's own first line
+        names = []
+    return ", ".join(names[:5]) if names else f"objects other than tensors ({_first_line(exc)})"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -159,8 +169,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path} is not a plain tensor state dict: torch.load(weights_only=True) refused it "
-            f"({_first_line(exc)}). terrafm never unpickles arbitrary objects; if you trust "
+            f"{path} is not a plain tensor state dict: it pickles {_pickled_objects(path, exc)}, which "
+            "torch.load(weights_only=True) refuses. terrafm never unpickles arbitrary objects; if you trust "
             "the file, load it yourself with torch.load(weights_only=False) and save its "
             "state_dict() with torch.save."
         ) from exc
@@ -168,6 +178,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path} is corrupt or truncated ({type(exc).__name__}: {_first_line(exc)}); "
             "delete it and download or export it again"
+        ) from exc
+    except Exception as exc:  # torch's weights-only unpickler fails on arbitrary bytes with any error type
+        raise CheckpointError(
+            f"{path} is not a checkpoint torch can read ({type(exc).__name__}: {_first_line(exc)}); pass a "
+            ".pth state dict saved with torch.save(model.state_dict(), path)"
         ) from exc
     for wrapper in ("state_dict", "model", "teacher"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):

@@ -111,7 +111,7 @@ def load_with_upgrade(path, tmp_path, monkeypatch):
     upgrade_checkpoint(run)
 
 
-TERRAFM_REFUSAL = r"not a plain tensor state dict: torch\.load\(weights_only=True\) refused it.*never unpickles"
+TERRAFM_REFUSAL = r"not a plain tensor state dict: it pickles .*torch\.load\(weights_only=True\) refuses.*never unpickles"
 PRETRAIN_REFUSAL = (r"not a checkpoint pretrain\.train wrote.*Python objects.*weights_only=True.*never unpickles code.*"
                     r"checkpoint\.pth written by pretrain\.train")
 LOADERS = [

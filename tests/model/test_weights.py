@@ -224,3 +224,25 @@ def test_hf_revision_of_the_config_reaches_the_hub_download(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(repo / "snapshots" / r / "TerraFM-B.pth") for r in (pinned, main)]
+
+
+def test_a_text_file_and_a_pickle_name_what_they_are(tmp_path):
+    """Arbitrary bytes give our error (not torch's IndexError/KeyError); a pickle names what it would run."""
+    import os
+
+    from terrafm.model import CheckpointError, create_model, load_weights
+
+    text = tmp_path / "notes.pth"
+    text.write_text("hello world\n")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint torch can read .*torch\.save\(model\.state_dict"):
+        load_weights(create_model("terrafm_tiny"), text)
+
+    class Runs:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"x": Runs()}, crafted)
+    with pytest.raises(CheckpointError, match=r"it pickles posix\.system, which torch\.load\(weights_only=True\) refuses"):
+        load_weights(create_model("terrafm_tiny"), crafted)
+    assert not (tmp_path / "ran").exists()
