@@ -456,13 +456,15 @@ def _geobox(items, aoi, resolution: float, crs: str | int):
 
 
 def _canonical(item, resolved: catalogs.ResolvedItem):
-    """A copy of ``item`` whose assets are keyed by band name (and the quality layer's name), so
-    items of several catalogs of one modality read as one collection."""
-    out = item.clone()
+    """``item`` with its assets keyed by band name (and the quality layer's name), so items of
+    several catalogs of one modality read as one collection: a copy only where the keys differ."""
     keys = dict(resolved.assets)
     quality = getattr(resolved.modality, "quality", None)
     if resolved.mask is not None and quality is not None:
         keys[quality.name] = resolved.mask
+    if all(name == key for name, key in keys.items()):
+        return item
+    out = item.clone()
     out.assets = {}
     for name, key in keys.items():
         out.add_asset(name, item.assets[key].clone())   # add_asset: the asset sees the item's proj:* fields
