@@ -724,15 +724,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--losses-out", default=None, help="write this call's losses (one per line)")
     parser.add_argument("--upgrade-checkpoint", metavar="RUN_DIR", default=None,
                         help="convert the checkpoints of a run written by an older pretrain.train, then exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except (ValueError, RuntimeError, OSError) as exc:   # ours name the fix; --debug for where it came from
+        if args.debug:
+            raise
+        parser.exit(2, f"pretrain.train: error: {' '.join(str(exc).split())}\n")
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.upgrade_checkpoint:
-        from terrafm.model import CheckpointError
-
-        try:
-            upgrade_checkpoint(args.upgrade_checkpoint)
-        except (CheckpointError, OSError) as exc:
-            parser.exit(2, f"pretrain.train: error: {exc}\n")
+        upgrade_checkpoint(args.upgrade_checkpoint)   # CheckpointError is a RuntimeError: one line in main
         return 0
     if not args.config:
         parser.error("--config is required (a YAML file or a name in pretrain/configs)")

@@ -238,3 +238,22 @@ def test_demo_offline_without_weights_is_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith("terrafm demo: error: could not load TerraFM weights 'hf'")
     assert "--weights random" in res.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("override, says", [
+    pytest.param("optim.base_lr=-0.001", r"base_lr", id="c8-pretrain-negative-lr"),
+    pytest.param("optim.centering=sideways", r"centering", id="c8-pretrain-bad-centering"),
+])
+def test_pretrain_train_says_a_config_error_in_one_line(capsys, override, says):
+    import re
+
+    from pretrain.config import ConfigError
+    from pretrain.train import main as train_main
+
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--config", "tiny_cpu", "--set", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("pretrain.train: error:") and re.search(says, err[0]), err
+    with pytest.raises(ConfigError):                      # --debug: the exception itself, with its traceback
+        train_main(["--config", "tiny_cpu", "--set", override, "--debug"])
