@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--start", required=True, help="first date, YYYY-MM-DD")
     emb.add_argument("--end", required=True, help="last date, YYYY-MM-DD")
     emb.add_argument("--out", required=True, help="zarr store to write (rerun to resume)")
+    emb.add_argument("--overwrite", action="store_true",
+                     help="rebuild an existing store of another run (the old one stays until the new one is complete)")
     emb.add_argument("--level", choices=("patch", "chip"), default="patch")
     emb.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     emb.add_argument("--catalog", default=None,
@@ -163,7 +165,7 @@ def _cmd_embed(args) -> int:
             raise CommandError(f"--weights {args.weights}: {_one_line(exc)} (--weights random runs an untrained "
                                "model, for trying the pipeline only)") from exc
     ds = stac.open_sentinel(tuple(args.bbox), args.start, args.end, **kwargs)
-    embed(ds, model=model, level=args.level, device=args.device, out=args.out)
+    embed(ds, model=model, level=args.level, device=args.device, out=args.out, overwrite=args.overwrite)
     logger.info("wrote %s", args.out)
     return 0
 
