@@ -25,6 +25,7 @@ import terrafm  # noqa: E402
 from terrafm.analysis import to_cog, to_geoparquet, to_zarr  # noqa: E402
 from terrafm.store import EMBEDDING_VAR, open_embedding  # noqa: E402
 
+
 EMBED = importlib.import_module("terrafm.embed")
 KW = dict(chip_size=64, overlap=16, device="cpu", progress=False, block_chips=2)
 
@@ -64,16 +65,6 @@ def interrupted_embed(monkeypatch, ds, out, after: int, **kw) -> None:
     with pytest.raises(Interrupted):
         EMBED.embed(ds, out=out, **kw)
     monkeypatch.setattr(EMBED, "_write_block", original)
-
-
-@pytest.fixture(scope="module")
-def model():
-    import torch
-
-    from terrafm.model import create_model
-
-    torch.set_num_threads(2)
-    return create_model("terrafm_tiny").eval()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "embed"))
 from embed_helpers import make_dataset  # noqa: E402
 
-from terrafm.store import EMBEDDING_VAR  # noqa: E402
 
 EMBED = importlib.import_module("terrafm.embed")
 BASE = dict(chip_size=64, overlap=16, device="cpu", progress=False, block_chips=2, batch_size=4)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rioxarray  # noqa: F401
-import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "embed"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
@@ -24,33 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 from analysis_helpers import make_embedding  # noqa: E402
 from embed_helpers import make_dataset  # noqa: E402
 
-import terrafm  # noqa: E402
 from terrafm.analysis import change, cosine_distance  # noqa: E402
 from terrafm.validate import InputWarning  # noqa: E402
+from bad_input_helpers import SEE, run  # noqa: E402
 
-SEE = r"see README, 'Validation rules'"
-
-
-@pytest.fixture(scope="module")
-def model():
-    import torch
-
-    from terrafm.model import create_model
-
-    torch.set_num_threads(2)
-    return create_model("terrafm_tiny").eval()
-
-
-@pytest.fixture
-def counted(model):
-    calls = []
-    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
-    yield model, calls
-    handle.remove()
-
-
-def run(ds, model, **kw):
-    return terrafm.embed(ds, model=model, chip_size=64, overlap=0, device="cpu", progress=False, **kw)
 
 
 def on_grid(crs="EPSG:32618", x0=500000.0, y0=4100000.0, xres=10.0, yres=10.0, height=64, width=64, times=1):

@@ -25,18 +25,9 @@ from shapely.geometry import LineString, Point, box
 
 from terrafm.analysis import fit_classifier, labels_to_grid
 from terrafm.evaluate import knn, knn_scores
+from bad_input_helpers import CRS, ORIGIN, RES, make_embedding  # noqa: E402
 
-RES, CRS, ORIGIN = 160.0, "EPSG:32632", (500_000.0, 5_000_000.0)
 NY, NX, DEPTH = 12, 12, 8
-
-
-def make_embedding(values: np.ndarray) -> xr.DataArray:
-    ny, nx = values.shape[:2]
-    da = xr.DataArray(values.astype(np.float32), dims=("y", "x", "embedding"),
-                      coords={"y": ORIGIN[1] - RES * (np.arange(ny) + 0.5),
-                              "x": ORIGIN[0] + RES * (np.arange(nx) + 0.5), "embedding": np.arange(values.shape[2])})
-    da = da.assign_coords(valid=(("y", "x"), np.isfinite(values).all(-1)))
-    return da.rio.write_crs(CRS).rio.write_transform(Affine(RES, 0, ORIGIN[0], 0, -RES, ORIGIN[1]))
 
 
 @pytest.fixture(scope="module")

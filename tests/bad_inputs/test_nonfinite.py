@@ -23,18 +23,8 @@ from embed_helpers import make_dataset  # noqa: E402
 import terrafm  # noqa: E402
 from terrafm.model import CheckpointError, create_model, load_weights  # noqa: E402
 from terrafm.model.terrafm import TerraFMOutput  # noqa: E402
+from bad_input_helpers import SEE, run  # noqa: E402
 
-SEE = r"see README, 'Validation rules'"
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(2)
-    return create_model("terrafm_tiny").eval()
-
-
-def run(ds, model, **kw):
-    return terrafm.embed(ds, model=model, chip_size=64, overlap=0, device="cpu", progress=False, **kw)
 
 
 def _poisoned_state(**values):

@@ -22,36 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "embed"))
 
 from embed_helpers import make_dataset  # noqa: E402
 
-import terrafm  # noqa: E402
 from terrafm import sensors  # noqa: E402
 from terrafm.validate import InputWarning, check_values, sample_windows  # noqa: E402
+from bad_input_helpers import SEE, run  # noqa: E402
 
 S2 = list(sensors.MODALITIES["s2_l2a"].variables)
 S1 = list(sensors.MODALITIES["s1"].variables)
-SEE = r"see README, 'Validation rules'"
-
-
-@pytest.fixture(scope="module")
-def model():
-    import torch
-
-    from terrafm.model import create_model
-
-    torch.set_num_threads(2)
-    return create_model("terrafm_tiny").eval()
-
-
-@pytest.fixture
-def counted(model):
-    """The tiny model with a counter of forward calls (the checks must run before any)."""
-    calls = []
-    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
-    yield model, calls
-    handle.remove()
-
-
-def run(ds, model, **kw):
-    return terrafm.embed(ds, model=model, chip_size=64, overlap=0, device="cpu", progress=False, **kw)
 
 
 def base(s1=True, s2=True, times=1):
