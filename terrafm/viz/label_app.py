@@ -192,7 +192,8 @@ class LabelTool(MapApp):
 
         emb = self.current()
         labels = self.labels.to_crs(emb.rio.crs)
-        classifier = fit_classifier(emb, labels, column="class", method=self.method, k=self.k)
+        # a few clicks are fewer than k: vote among the labels there are (fit_classifier refuses k > labels)
+        classifier = fit_classifier(emb, labels, column="class", method=self.method, k=min(self.k, len(labels)))
         prediction = classifier.predict(emb)
         # classifier indices -> indices in self.classes, so each class keeps its colour
         lookup = np.array([self.classes.index(str(c)) for c in classifier.classes], dtype=np.float32)

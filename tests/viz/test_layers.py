@@ -134,7 +134,7 @@ def test_layer_on_map_with_opacity_legend_and_in_place_update(emb, viz_map):
 
 
 def test_class_map_and_change_dataset_get_legends(emb, viz_map):
-    clf = terrafm.fit_classifier(emb, _labels(emb), column="class")
+    clf = terrafm.fit_classifier(emb, _labels(emb), column="class", k=3)     # 4 labels: k may not exceed them
     pred = clf.predict(emb)
     layer = add_embedding_layer(viz_map, pred, "classes")
     assert layer.overlay.kind == "categorical"
