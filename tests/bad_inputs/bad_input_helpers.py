@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import xarray as xr
 
@@ -29,3 +32,39 @@ def make_embedding(values: np.ndarray) -> xr.DataArray:
                               "x": ORIGIN[0] + RES * (np.arange(nx) + 0.5), "embedding": np.arange(values.shape[2])})
     da = da.assign_coords(valid=(("y", "x"), np.isfinite(values).all(-1)))
     return da.rio.write_crs(CRS).rio.write_transform(Affine(RES, 0, ORIGIN[0], 0, -RES, ORIGIN[1]))
+
+
+class Interrupted(Exception):
+    """Stands for a crash (out of memory, Ctrl-C) after some blocks were written."""
+
+
+def snapshot(path) -> dict | None:
+    """sha256 of every file under ``path`` (or of ``path`` itself), None if it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def interrupted_embed(monkeypatch, ds, out, after: int, **kw) -> None:
+    """``embed(out=...)`` that stops (raises :class:`Interrupted`) after ``after`` blocks were written."""
+    import pytest
+
+    from terrafm import embed as embed_module
+
+    original = embed_module._write_block
+    written = []
+
+    def write_then_stop(*args, **kwargs):
+        if len(written) == after:
+            raise Interrupted
+        written.append(1)
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "_write_block", write_then_stop)
+    with pytest.raises(Interrupted):
+        embed_module.embed(ds, out=out, **kw)
+    monkeypatch.setattr(embed_module, "_write_block", original)

@@ -8,7 +8,6 @@ identical, no temporary sibling left); each allowed case checks the result again
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import xarray as xr
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "embed"))
+from bad_input_helpers import interrupted_embed, snapshot  # noqa: E402
 from embed_helpers import make_dataset  # noqa: E402
 
 import terrafm  # noqa: E402
@@ -30,41 +30,9 @@ EMBED = importlib.import_module("terrafm.embed")
 KW = dict(chip_size=64, overlap=16, device="cpu", progress=False, block_chips=2)
 
 
-class Interrupted(Exception):
-    """Stands for a crash (out of memory, Ctrl-C) after some blocks were written."""
-
-
-def snapshot(path: Path) -> dict | None:
-    """sha256 of every file under ``path`` (or of ``path`` itself), None if it does not exist."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    if path.is_file():
-        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(path.rglob("*")) if f.is_file()}
-
-
 def store_arrays(path: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(path), mode="r")
     return {name: np.asarray(group[name][...]) for name in (EMBEDDING_VAR, "valid", "blocks_done")}
-
-
-def interrupted_embed(monkeypatch, ds, out, after: int, **kw) -> None:
-    """``embed(out=...)`` that stops after ``after`` blocks were written."""
-    original = EMBED._write_block
-    written = []
-
-    def write_then_stop(*args, **kwargs):
-        if len(written) == after:
-            raise Interrupted
-        written.append(1)
-        original(*args, **kwargs)
-
-    monkeypatch.setattr(EMBED, "_write_block", write_then_stop)
-    with pytest.raises(Interrupted):
-        EMBED.embed(ds, out=out, **kw)
-    monkeypatch.setattr(EMBED, "_write_block", original)
 
 
 @pytest.fixture(scope="module")

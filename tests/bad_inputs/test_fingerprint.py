@@ -23,20 +23,12 @@ import pytest
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "embed"))
+from bad_input_helpers import interrupted_embed, snapshot  # noqa: E402
 from embed_helpers import make_dataset  # noqa: E402
 
 
 EMBED = importlib.import_module("terrafm.embed")
 BASE = dict(chip_size=64, overlap=16, device="cpu", progress=False, block_chips=2, batch_size=4)
-
-
-class Interrupted(Exception):
-    """Stands for a crash after the first block was written."""
-
-
-def snapshot(path: Path) -> dict:
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(path.rglob("*")) if f.is_file()}
 
 
 def store_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -53,19 +45,7 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 def first_block_only(monkeypatch, ds, out, **kw) -> None:
-    original = EMBED._write_block
-    written = []
-
-    def write_then_stop(*args, **kwargs):
-        if written:
-            raise Interrupted
-        written.append(1)
-        original(*args, **kwargs)
-
-    monkeypatch.setattr(EMBED, "_write_block", write_then_stop)
-    with pytest.raises(Interrupted):
-        EMBED.embed(ds, out=out, **kw)
-    monkeypatch.setattr(EMBED, "_write_block", original)
+    interrupted_embed(monkeypatch, ds, out, after=1, **kw)
     assert int(store_arrays(out)["blocks_done"].sum()) == 1
 
 
