@@ -10,7 +10,8 @@ import numpy as np
 import xarray as xr
 
 from ._checks import require_int, require_positive
-from ._grid import EMBEDDING_DIM, check_embedding, flatten_valid, unflatten, valid_mask
+from ._grid import EMBEDDING_DIM, check_embedding
+from .cluster import gather_vectors, map_valid_vectors, require_some_valid, valid_flags
 from .labels import labels_to_grid
 
 logger = logging.getLogger(__name__)
@@ -56,21 +57,36 @@ class Classifier:
     def predict(self, emb: xr.DataArray) -> xr.Dataset:
         """Class map (index into ``classes``), its probability and per-class probabilities.
 
+        Works chunk by chunk: a dask-backed ``emb`` (:func:`terrafm.open_embedding`) gives a lazy
+        Dataset (compute it, or stream it with :func:`to_cog`), equal to the in-memory result.
+        Invalid positions are NaN in every variable.
+
         Examples
         --------
         >>> out = clf.predict(emb)                     # doctest: +SKIP
         >>> out["class"].plot(); out.attrs["classes"]  # doctest: +SKIP
         """
-        vectors, mask = flatten_valid(emb)
-        proba = self.predict_proba(vectors)
-        best = proba.argmax(1)
+        check_embedding(emb)
+        depth = self.train_vectors.shape[1]
+        if emb.sizes[EMBEDDING_DIM] != depth:
+            raise ValueError(
+                f"classifier was trained on {depth}-dim embeddings, got {emb.sizes[EMBEDDING_DIM]}; "
+                "embed with the same model"
+            )
+        require_some_valid(emb)
         names = [str(c) for c in self.classes]
+
+        def scores(vectors: np.ndarray) -> np.ndarray:
+            proba = self.predict_proba(vectors)
+            return np.concatenate([proba.argmax(1)[:, None], proba.max(1)[:, None], proba], axis=1)
+
+        stacked = map_valid_vectors(emb, scores, "scores", band=("score", ["class", "probability", *names]))
         ds = xr.Dataset(
             {
-                "class": unflatten(best.astype(np.float32), mask, "class"),
-                "probability": unflatten(proba.max(1).astype(np.float32), mask, "probability"),
-                "probabilities": unflatten(proba.astype(np.float32), mask, "probabilities",
-                                           band=("class_name", names)),
+                "class": stacked.isel(score=0, drop=True).rename("class"),
+                "probability": stacked.isel(score=1, drop=True).rename("probability"),
+                "probabilities": stacked.isel(score=slice(2, None)).rename(score="class_name")
+                .assign_coords(class_name=names).rename("probabilities"),
             }
         )
         ds = ds.rio.write_crs(emb.rio.crs)
@@ -127,7 +143,8 @@ def fit_classifier(
     Parameters
     ----------
     emb : xr.DataArray
-        Single-date embeddings (y, x, embedding) with a CRS.
+        Single-date embeddings (y, x, embedding) with a CRS, in memory or dask-backed: only the
+        labelled positions are read (a vectorised point read), never the whole array.
     labels : GeoDataFrame or xr.DataArray
         Points/polygons with a ``column`` of classes (any CRS, reprojected), or a label raster such
         as ESA WorldCover (resampled to the grid with mode when finer, nearest when coarser).
@@ -175,13 +192,17 @@ def fit_classifier(
             raise ValueError("fit_classifier needs one date; select it with emb.isel(time=i)")
         emb = emb.isel(time=0)
     grid, classes = labels_to_grid(emb, labels, column)
-    mask = np.asarray(valid_mask(emb.transpose("y", "x", EMBEDDING_DIM)).values)
-    usable = (grid >= 0) & mask
+    rows, cols = np.nonzero(grid >= 0)
+    vectors = gather_vectors(emb, (rows, cols))          # the labelled positions only, never the whole array
+    usable = np.isfinite(vectors).all(1)
+    flags = valid_flags(emb)
+    if flags is not None:
+        usable &= flags[rows, cols]
     if not usable.any():
         raise ValueError(
             "no label falls on a valid embedding position; check the labels overlap the area (CRS, extent)"
         )
-    rows, cols = np.nonzero(usable)
+    rows, cols, vectors = rows[usable], cols[usable], vectors[usable].astype(np.float32, copy=False)
     targets = grid[rows, cols]
     present = np.unique(targets)
     if len(present) < 2:
@@ -193,8 +214,6 @@ def fit_classifier(
         raise ValueError(
             f"k={k} neighbours but only {len(targets)} labelled positions fall on valid embedding cells; lower k "
             f"(at most {len(targets)}) or add labels")
-    data = np.asarray(emb.transpose("y", "x", EMBEDDING_DIM).values, dtype=np.float32)
-    vectors = data[rows, cols]
 
     groups = spatial_blocks(rows, cols, block_size)
     n_splits = int(min(n_folds, len(np.unique(groups))))
