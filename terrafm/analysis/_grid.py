@@ -1,4 +1,10 @@
-"""Shared helpers: validate embedding DataArrays, flatten valid vectors, put results back on the grid."""
+"""Shared helpers: validate embedding DataArrays, flatten valid vectors, put results back on the grid.
+
+Every helper takes numpy-backed and dask-backed (``terrafm.open_embedding``) DataArrays alike:
+:func:`valid_mask` stays lazy, :func:`sample_valid_vectors` reads only the sampled vectors (plus
+one streaming pass for the mask) and :func:`map_valid_blocks` applies a per-vector function chunk
+by chunk, so memory is bounded by the chunk size, not by the area.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +38,31 @@ def check_embedding(emb: xr.DataArray, name: str = "emb") -> xr.DataArray:
     return emb
 
 
+def is_lazy(obj: xr.DataArray | xr.Dataset) -> bool:
+    """True when ``obj``'s values are a dask array (e.g. from :func:`terrafm.open_embedding`).
+
+    Examples
+    --------
+    >>> da = xr.DataArray(np.zeros((2, 2, 3)), dims=("y", "x", "embedding"))
+    >>> is_lazy(da), is_lazy(da.chunk())
+    (False, True)
+    """
+    if isinstance(obj, xr.Dataset):
+        return any(is_lazy(v) for v in obj.data_vars.values())
+    return obj.chunks is not None
+
+
 def valid_mask(emb: xr.DataArray) -> xr.DataArray:
-    """Boolean DataArray (dims of ``emb`` without ``embedding``): the ``valid`` coord AND all-finite."""
+    """Boolean DataArray (dims of ``emb`` without ``embedding``): the ``valid`` coord AND all-finite.
+
+    Lazy (dask-backed) when ``emb`` is: nothing is read until it is computed.
+
+    Examples
+    --------
+    >>> emb = xr.DataArray([[[1.0, 2.0], [np.nan, 0.0]]], dims=("y", "x", "embedding"))
+    >>> valid_mask(emb).values.tolist()
+    [[True, False]]
+    """
     finite = np.isfinite(emb).all(EMBEDDING_DIM)
     if "valid" in emb.coords:
         finite = finite & emb.coords["valid"].astype(bool)
@@ -56,6 +85,142 @@ def flatten_valid(emb: xr.DataArray, name: str = "emb") -> tuple[np.ndarray, xr.
         return flat.astype(np.float32, copy=False), mask
     vectors = flat[mask_np.reshape(-1)].astype(np.float32, copy=False)
     return vectors, mask
+
+
+def sample_rows(n: int, sample: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of ``sample`` of ``n`` rows without replacement (all rows when ``sample`` is None or >= n).
+
+    The one sampling rule of the analysis functions: the same ``(n, sample, seed)`` always picks
+    the same rows, whether the vectors come from memory or from a store.
+
+    Examples
+    --------
+    >>> sample_rows(5, None, 0).tolist()
+    [0, 1, 2, 3, 4]
+    >>> len(sample_rows(1000, 10, 0)), bool((sample_rows(1000, 10, 0) == sample_rows(1000, 10, 0)).all())
+    (10, True)
+    """
+    if sample is None or sample >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=sample, replace=False))
+
+
+def _lazy_parts(emb: xr.DataArray):
+    """``(data, valid)`` dask arrays of ``emb`` (dims (..., y, x, embedding)), embedding in one chunk and
+    ``valid`` (or None) chunked like the positions of ``data``."""
+    import dask.array as dask_array
+
+    data = emb.data
+    if not isinstance(data, dask_array.Array):
+        data = dask_array.from_array(data)
+    data = data.rechunk({data.ndim - 1: -1})
+    valid = None
+    if "valid" in emb.coords:
+        valid = emb.coords["valid"].transpose(*emb.dims[:-1]).data
+        valid = dask_array.asarray(valid).rechunk(data.chunks[:-1])
+    return data, valid
+
+
+def _lead_index(data) -> str:
+    """blockwise index letters of the position dims ((t,) y, x) of a (..., embedding) array."""
+    return "tyx"[3 - (data.ndim - 1):]
+
+
+def _block_mask(block: np.ndarray, valid_block: np.ndarray | None) -> np.ndarray:
+    mask = np.isfinite(block).all(-1)
+    if valid_block is not None:
+        mask &= np.asarray(valid_block, dtype=bool)
+    return mask
+
+
+def sample_valid_vectors(emb: xr.DataArray, n: int | None, seed: int = 0,
+                         name: str = "emb") -> tuple[np.ndarray, int]:
+    """``(vectors (m, D) float32, n_valid)``: a deterministic sample of ``n`` valid vectors of ``emb``.
+
+    The rows are :func:`sample_rows` ``(n_valid, n, seed)`` of the valid positions in C order
+    ((time,) y, x), so numpy-backed and dask-backed inputs give the same sample. A dask-backed
+    ``emb`` is read in one streaming pass for the valid mask, then only the chunks holding sampled
+    vectors are read; ``n=None`` reads every valid vector into memory.
+
+    Examples
+    --------
+    >>> emb = xr.DataArray(np.arange(24.0).reshape(2, 4, 3), dims=("y", "x", "embedding"))
+    >>> vectors, n_valid = sample_valid_vectors(emb.rio.write_crs("EPSG:32633").chunk({"x": 2}), 2, seed=0)
+    >>> vectors.shape, n_valid
+    ((2, 3), 8)
+    """
+    check_embedding(emb, name)
+    emb_t = emb.transpose(..., "y", "x", EMBEDDING_DIM)
+    if not is_lazy(emb_t):
+        vectors, _ = flatten_valid(emb_t, name)
+        return vectors[sample_rows(len(vectors), n, seed)], len(vectors)
+    import dask.array as dask_array
+
+    data, valid = _lazy_parts(emb_t)
+    lead = _lead_index(data)
+    args = [data, lead + "e"] + ([] if valid is None else [valid, lead])
+    mask = dask_array.blockwise(_block_mask, lead, *args, dtype=bool, concatenate=True).compute()
+    positions = np.flatnonzero(mask)
+    if not len(positions):
+        raise ValueError(
+            f"{name} has no valid positions (all NaN / valid=False); choose a less cloudy date or a larger area"
+        )
+    chosen = np.unravel_index(positions[sample_rows(len(positions), n, seed)], mask.shape)
+    vectors = np.asarray(data.vindex[chosen].compute(), dtype=np.float32)
+    return vectors, len(positions)
+
+
+def map_valid_blocks(
+    emb: xr.DataArray,
+    func,
+    name: str,
+    *,
+    band: tuple[str, list] | None = None,
+    dtype=np.float32,
+    fill: float = np.nan,
+    attrs: dict | None = None,
+) -> xr.DataArray:
+    """Apply ``func((n, D) float32 valid vectors) -> (n,) or (n, k)`` to ``emb`` and grid the result.
+
+    numpy-backed ``emb``: one call on all valid vectors (:func:`flatten_valid` / :func:`unflatten`).
+    dask-backed ``emb``: one call per chunk, the result a lazy DataArray chunked like ``emb``'s
+    positions; memory is bounded by the chunk size. Dims (time?, y, x[, band]), ``fill`` where
+    invalid, CRS and transform kept. ``func`` must treat rows independently.
+
+    Examples
+    --------
+    >>> emb = xr.DataArray(np.ones((2, 2, 3), "float32"), dims=("y", "x", "embedding")).rio.write_crs(32633)
+    >>> map_valid_blocks(emb.chunk({"y": 1}), lambda v: v.sum(1), "total").compute().values.tolist()
+    [[3.0, 3.0], [3.0, 3.0]]
+    """
+    emb_t = emb.transpose(..., "y", "x", EMBEDDING_DIM)
+    if not is_lazy(emb_t):
+        vectors, mask = flatten_valid(emb_t)
+        return unflatten(func(vectors), mask, name, fill=fill, band=band, attrs=attrs)
+    import dask.array as dask_array
+
+    data, valid = _lazy_parts(emb_t)
+    lead = _lead_index(data)
+    extra = (len(band[1]),) if band is not None else ()
+
+    def kernel(block, valid_block=None):
+        mask = _block_mask(block, valid_block)
+        out = np.full(mask.shape + extra, fill, dtype=dtype)
+        if mask.any():
+            out[mask] = func(block[mask].astype(np.float32, copy=False))
+        return out
+
+    args = [data, lead + "e"] + ([] if valid is None else [valid, lead])
+    result = dask_array.blockwise(kernel, lead + ("b" if band else ""), *args, dtype=dtype, concatenate=True,
+                                  new_axes={"b": extra[0]} if band else None)
+    dims = list(emb_t.dims[:-1])
+    coords = {k: v for k, v in emb_t.coords.items() if set(v.dims) <= set(dims) and k != "valid"}
+    if band is not None:
+        dims.append(band[0])
+        coords[band[0]] = list(band[1])
+    out = xr.DataArray(result, dims=dims, coords=coords, name=name, attrs=dict(attrs or {}))
+    return with_georef(out, emb_t)
 
 
 def unflatten(

@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 from ._checks import require_int
-from ._grid import flatten_valid, unflatten
+from ._grid import flatten_valid, sample_rows, unflatten
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,6 @@ class RGBReducer:
         vectors, mask = flatten_valid(emb)
         rgb = self.stretch(self.project(vectors))
         return unflatten(rgb, mask, "rgb", band=("band", RGB_BANDS), attrs={"reducer": self.method})
-
-
-def _sample_rows(n: int, sample: int | None, seed: int) -> np.ndarray:
-    if sample is None or sample >= n:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=sample, replace=False))
 
 
 def fit_rgb(
@@ -118,7 +111,7 @@ def fit_rgb(
     vectors, _ = flatten_valid(emb)
     if len(vectors) < 4:
         raise ValueError(f"only {len(vectors)} valid positions; need at least 4 to fit a colour reducer")
-    fit_vectors = vectors[_sample_rows(len(vectors), sample, seed)]
+    fit_vectors = vectors[sample_rows(len(vectors), sample, seed)]
     if method == "pca":
         from sklearn.decomposition import PCA
 

@@ -73,3 +73,77 @@ def bigearthnet_features():
         labels.append([OLD2NEW_LABELS_DICT[x] for x in meta["labels"] if OLD2NEW_LABELS_DICT.get(x)])
         names.append(patch.name)
     return np.stack(feats), names, labels
+
+
+LARGE_SHAPE = (2, 768, 1024, 64)  # (time, y, x, embedding): 403 MB of float32
+LARGE_CHUNKS = (1, 128, 128, 64)   # 4 MiB zarr chunks
+LARGE_CLASSES = 4                  # land-cover-like patches of 4 cluster centres
+LARGE_CHANGED = (slice(512, 768), slice(640, 1024))  # (rows, cols) that change class between the dates
+LARGE_CLOUD_ROWS = slice(64, 96)   # rows invalid (NaN, valid=False) at time 0
+
+
+def large_class_map(rows: np.ndarray, cols: np.ndarray, time: int) -> np.ndarray:
+    """Class of each (row, col) of the ``large_store`` at ``time``: 64-cell patches, shifted in the changed box."""
+    classes = ((rows[:, None] // 64) + 2 * (cols[None, :] // 64)) % LARGE_CLASSES
+    if time == 1:
+        inside = ((rows[:, None] >= LARGE_CHANGED[0].start) & (rows[:, None] < LARGE_CHANGED[0].stop)
+                  & (cols[None, :] >= LARGE_CHANGED[1].start) & (cols[None, :] < LARGE_CHANGED[1].stop))
+        classes = np.where(inside, (classes + 1) % LARGE_CLASSES, classes)
+    return classes
+
+
+def large_centres() -> np.ndarray:
+    """The (LARGE_CLASSES, D) cluster centres of the ``large_store`` vectors."""
+    return np.random.default_rng(7).normal(scale=2.0, size=(LARGE_CLASSES, LARGE_SHAPE[-1])).astype(np.float32)
+
+
+def large_embedding(shape=LARGE_SHAPE, chunks=LARGE_CHUNKS) -> xr.DataArray:
+    """A lazy contract embedding (time, y, x, embedding): class centres + unit noise, a cloud strip.
+
+    The noise of a chunk is one shared tile of unit normal vectors rolled by the chunk's position
+    (generating fresh noise for 10^8 values would take longer than the 10 s budget of the fixture),
+    so the values do not depend on how the array is chunked when computed.
+    """
+    import dask.array as dask_array
+
+    centres = large_centres()
+    tile = np.random.default_rng(11).standard_normal((chunks[1] * chunks[2], shape[-1]), np.float32)
+
+    def block(block_info=None):
+        (t0, t1), (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
+        count = (t1 - t0) * (r1 - r0) * (c1 - c0)
+        noise = np.roll(np.resize(tile, (count, shape[-1])), 7919 * (t0 * 3 + r0 * 5 + c0 * 7) + 1, axis=0)
+        noise = noise.reshape(t1 - t0, r1 - r0, c1 - c0, shape[-1])
+        for t in range(t0, t1):
+            noise[t - t0] += centres[large_class_map(np.arange(r0, r1), np.arange(c0, c1), t)]
+            if t == 0:
+                cloud = np.arange(r0, r1)
+                cloud = (cloud >= LARGE_CLOUD_ROWS.start) & (cloud < LARGE_CLOUD_ROWS.stop)
+                noise[t - t0, cloud] = np.nan
+        return noise
+
+    values = dask_array.map_blocks(block, chunks=tuple(
+        tuple(min(c, n - i) for i in range(0, n, c)) for n, c in zip(shape, chunks)), dtype=np.float32)
+    rows = np.arange(shape[1])
+    cloud = (rows >= LARGE_CLOUD_ROWS.start) & (rows < LARGE_CLOUD_ROWS.stop)
+    valid = np.ones(shape[:3], bool)
+    valid[0, cloud] = False
+    valid = dask_array.from_array(valid, chunks=values.chunks[:3])
+    nt, ny, nx, depth = shape
+    xs = ORIGIN[0] + RES * (np.arange(nx) + 0.5)
+    ys = ORIGIN[1] - RES * (np.arange(ny) + 0.5)
+    times = np.array(["2020-07-01", "2024-07-01"], dtype="datetime64[ns]")[:nt]
+    da = xr.DataArray(values, dims=("time", "y", "x", "embedding"), name="embedding",
+                      coords={"time": times, "y": ys, "x": xs, "embedding": np.arange(depth)})
+    da = da.assign_coords(valid=(("time", "y", "x"), valid))
+    da.attrs.update({"model": "test", "level": "patch"})
+    return da.rio.write_crs(CRS).rio.write_transform(Affine(RES, 0, ORIGIN[0], 0, -RES, ORIGIN[1]))
+
+
+def write_large_store(path, emb: xr.DataArray | None = None):
+    """Write ``emb`` (default :func:`large_embedding`) in the ``open_embedding`` layout, uncompressed (fast)."""
+    from terrafm.store import EMBEDDING_VAR, embedding_to_dataset
+
+    ds = embedding_to_dataset(large_embedding() if emb is None else emb)
+    ds.to_zarr(path, mode="w-", consolidated=False, encoding={EMBEDDING_VAR: {"compressors": None}})
+    return path
