@@ -160,6 +160,15 @@ class Engine:
         block is faster than running the model on it (the usual case); more only costs memory.
     scheduler : str, optional
         dask scheduler used for reading (None: dask's default).
+    compile : bool
+        Run the model through ``torch.compile`` (compiled once per Engine, on the first batch of
+        each new shape). Pays on GPUs; on a CPU the compile costs minutes and the forward gains
+        little (see benchmarks/README.md). Compiled kernels may round differently from eager ones.
+
+    On a GPU, a block's outputs are gathered into device buffers batch by batch, copied
+    non-blocking into pinned host buffers, and the host waits once per block (:meth:`_sync`),
+    so reading, host-to-device copies and compute overlap; inputs are pinned by the reader
+    thread and copied non-blocking. On a CPU the same code runs without copies or pinning.
 
     Examples
     --------
@@ -169,7 +178,7 @@ class Engine:
     """
 
     def __init__(self, model, device: Any = "auto", batch_size: int = 16, precision: str = "auto",
-                 prefetch: int = 1, scheduler: str | None = None) -> None:
+                 prefetch: int = 1, scheduler: str | None = None, compile: bool = False) -> None:
         import torch
 
         from .model import resolve_device
@@ -184,6 +193,9 @@ class Engine:
         self.scheduler = scheduler
         self._pin = self.device.type == "cuda"
         self._torch = torch
+        self.compile = bool(compile)
+        # compiled once per Engine; the wrapper shares the model's parameters
+        self._net = torch.compile(self.model) if self.compile else self.model
 
     # ------------------------------------------------------------------ reading
     def read_block(self, arrays: Mapping[str, tuple[Any, Any]], grid: ChipGrid, block: Block,
@@ -215,11 +227,57 @@ class Engine:
         return chips, images, masks
 
     # ------------------------------------------------------------------ model
-    def _to_device(self, array: np.ndarray):
-        tensor = self._torch.from_numpy(np.ascontiguousarray(array))
-        if self._pin:
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+    def stage(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Block arrays as host tensors ready for a non-blocking copy to the device (pinned on CUDA)."""
+        staged = {}
+        for key, array in arrays.items():
+            tensor = array if isinstance(array, self._torch.Tensor) else self._torch.from_numpy(np.ascontiguousarray(array))
+            staged[key] = tensor.pin_memory() if self._pin and not tensor.is_pinned() else tensor
+        return staged
+
+    def _sync(self) -> None:
+        """Wait for the work queued on the device: called once per block, after its outputs are
+        queued for the copy to the host (a no-op on CPU)."""
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            self._torch.mps.synchronize()
+
+    def _to_host(self, buffer):
+        """Queue the copy of a device buffer into a pinned host buffer (the CPU buffer itself on CPU)."""
+        if self.device.type == "cpu":
+            return buffer
+        host = self._torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=self._pin)
+        host.copy_(buffer, non_blocking=self._pin)
+        return host
+
+    def _run_batches(self, images: Mapping[str, Any], masks: Mapping[str, Any], level: str,
+                     inner: tuple[slice, slice]) -> list[np.ndarray]:
+        """Every batch of a block through the model; the outputs the block keeps (chip level: CLS
+        and whether any patch is valid; patch level: the interiors ``inner``) are gathered into
+        per-block device buffers, copied to the host once, with one sync."""
+        torch = self._torch
+        from .model import autocast
+
+        n = len(next(iter(images.values())))
+        buffers: list = []
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            for start in range(0, n, self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                out = self._net({k: v[sl].to(self.device, non_blocking=True) for k, v in images.items()},
+                                masks={k: v[sl].to(self.device, non_blocking=True) for k, v in masks.items()})
+                if level == "chip":
+                    parts = (out.cls, out.valid.flatten(1).any(1))
+                else:
+                    parts = (out.patch[(slice(None), *inner)], out.valid[(slice(None), *inner)])
+                if not buffers:
+                    buffers = [torch.empty((n, *p.shape[1:]), dtype=torch.float32 if p.is_floating_point() else torch.bool,
+                                           device=self.device) for p in parts]
+                for buffer, part in zip(buffers, parts):
+                    buffer[sl].copy_(part)
+            host = [self._to_host(buffer) for buffer in buffers]
+        self._sync()
+        return [h.numpy() for h in host]
 
     def forward(self, images: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]):
         """Run one batch; returns (cls (B, D), patch (B, h, w, D), valid (B, h, w)) as numpy.
@@ -229,55 +287,56 @@ class Engine:
         torch = self._torch
         from .model import autocast
 
+        images, masks = self.stage(images), self.stage(masks)
         with torch.inference_mode(), autocast(self.device, self.precision):
-            out = self.model({k: self._to_device(v) for k, v in images.items()},
-                             masks={k: self._to_device(v) for k, v in masks.items()})
+            out = self._net({k: v.to(self.device, non_blocking=True) for k, v in images.items()},
+                            masks={k: v.to(self.device, non_blocking=True) for k, v in masks.items()})
         return (out.cls.float().cpu().numpy(), out.patch.float().cpu().numpy(),
                 out.valid.cpu().numpy().astype(bool))
 
     def process(self, grid: ChipGrid, block: Block, level: str, chips: list[Chip],
-                images: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> BlockResult:
+                images: Mapping[str, Any], masks: Mapping[str, Any]) -> BlockResult:
         """Batch a read block through the model, crop chip interiors and stitch them.
 
-        An output vector that is not finite (NaN or inf: a model with bad parameters, inputs that
-        overflow) is marked invalid like a position without data; their count is logged.
+        ``images``/``masks``: key -> (N, C, s, s) / (N, s, s) chips as numpy or as :meth:`stage`
+        tensors. An output vector that is not finite (NaN or inf: a model with bad parameters,
+        inputs that overflow) is marked invalid like a position without data; their count is
+        logged.
         """
         h, w = block.out_y.stop - block.out_y.start, block.out_x.stop - block.out_x.start
         d = self.model.embed_dim
         emb = np.full((h, w, d), np.nan, "float32")
         valid = np.zeros((h, w), bool)
         mvalid = {k: np.zeros((h, w), bool) for k in images}
-        m = grid.margin // PATCH_SIZE
+        m, sp = grid.margin // PATCH_SIZE, grid.stride // PATCH_SIZE
+        host_masks = {k: v.numpy() if isinstance(v, self._torch.Tensor) else np.asarray(v) for k, v in masks.items()}
+        patch_masks = {k: patch_valid(v, PATCH_SIZE) for k, v in host_masks.items()}
+        kept, kept_valid = self._run_batches(self.stage(images), self.stage(masks), level,
+                                             (slice(m, m + sp), slice(m, m + sp)))
+        kept_finite = np.isfinite(kept).all(-1)
         non_finite = 0
-        for start in range(0, len(chips), self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            cls, patch, pvalid = self.forward({k: v[sl] for k, v in images.items()},
-                                              {k: v[sl] for k, v in masks.items()})
-            patch_masks = {k: patch_valid(v[sl], PATCH_SIZE) for k, v in masks.items()}
-            cls_finite = np.isfinite(cls).all(-1)
-            patch_finite = np.isfinite(patch).all(-1)
-            for i, chip in enumerate(chips[sl]):
-                if level == "chip":
-                    oy, ox = chip.row - block.out_y.start, chip.col - block.out_x.start
-                    ok = bool(pvalid[i].any())
-                    non_finite += ok and not cls_finite[i]
-                    ok = ok and bool(cls_finite[i])
-                    valid[oy, ox] = ok
-                    emb[oy, ox] = cls[i] if ok else np.nan
-                    for k in images:
-                        mvalid[k][oy, ox] = patch_masks[k][i].any()
-                    continue
-                oy, ox = chip.py0 - block.out_y.start, chip.px0 - block.out_x.start
-                inner = (slice(m, m + chip.ph), slice(m, m + chip.pw))
-                ok = pvalid[i][inner]
-                non_finite += int((ok & ~patch_finite[i][inner]).sum())
-                ok = ok & patch_finite[i][inner]
-                tile = patch[i][inner].copy()
-                tile[~ok] = np.nan
-                emb[oy:oy + chip.ph, ox:ox + chip.pw] = tile
-                valid[oy:oy + chip.ph, ox:ox + chip.pw] = ok
+        for i, chip in enumerate(chips):
+            if level == "chip":
+                oy, ox = chip.row - block.out_y.start, chip.col - block.out_x.start
+                ok = bool(kept_valid[i])
+                non_finite += ok and not kept_finite[i]
+                ok = ok and bool(kept_finite[i])
+                valid[oy, ox] = ok
+                emb[oy, ox] = kept[i] if ok else np.nan
                 for k in images:
-                    mvalid[k][oy:oy + chip.ph, ox:ox + chip.pw] = patch_masks[k][i][inner]
+                    mvalid[k][oy, ox] = patch_masks[k][i].any()
+                continue
+            oy, ox = chip.py0 - block.out_y.start, chip.px0 - block.out_x.start
+            ok = kept_valid[i][:chip.ph, :chip.pw]
+            finite = kept_finite[i][:chip.ph, :chip.pw]
+            non_finite += int((ok & ~finite).sum())
+            ok = ok & finite
+            tile = kept[i][:chip.ph, :chip.pw].copy()
+            tile[~ok] = np.nan
+            emb[oy:oy + chip.ph, ox:ox + chip.pw] = tile
+            valid[oy:oy + chip.ph, ox:ox + chip.pw] = ok
+            for k in images:
+                mvalid[k][oy:oy + chip.ph, ox:ox + chip.pw] = patch_masks[k][i][m:m + chip.ph, m:m + chip.pw]
         if non_finite:
             logger.warning("block (%d, %d): %d of %d output positions are NaN/inf and are marked invalid "
                            "(model parameters not finite, or inputs that overflow float32)",
@@ -299,7 +358,8 @@ class Engine:
                 for block in todo:
                     if stop.is_set():
                         return
-                    item = (block, *self.read_block(arrays, grid, block))
+                    chips, images, masks = self.read_block(arrays, grid, block)
+                    item = (block, chips, self.stage(images), self.stage(masks))
                     while not stop.is_set():
                         try:
                             q.put(item, timeout=0.2)
