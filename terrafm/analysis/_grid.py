@@ -106,9 +106,17 @@ def sample_rows(n: int, sample: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=sample, replace=False))
 
 
-def _lazy_parts(emb: xr.DataArray):
+def lazy_parts(emb: xr.DataArray):
     """``(data, valid)`` dask arrays of ``emb`` (dims (..., y, x, embedding)), embedding in one chunk and
-    ``valid`` (or None) chunked like the positions of ``data``."""
+    ``valid`` (or None) chunked like the positions of ``data``; for kernels that run chunk by chunk.
+
+    Examples
+    --------
+    >>> emb = xr.DataArray(np.zeros((4, 4, 3)), dims=("y", "x", "embedding")).chunk({"y": 2, "embedding": 1})
+    >>> data, valid = lazy_parts(emb.assign_coords(valid=(("y", "x"), np.ones((4, 4), bool))))
+    >>> data.chunks, valid.chunks
+    (((2, 2), (4,), (3,)), ((2, 2), (4,)))
+    """
     import dask.array as dask_array
 
     data = emb.data
@@ -127,7 +135,7 @@ def _lead_index(data) -> str:
     return "tyx"[3 - (data.ndim - 1):]
 
 
-def _block_mask(block: np.ndarray, valid_block: np.ndarray | None) -> np.ndarray:
+def _block_mask(block: np.ndarray, valid_block: np.ndarray | None = None) -> np.ndarray:
     mask = np.isfinite(block).all(-1)
     if valid_block is not None:
         mask &= np.asarray(valid_block, dtype=bool)
@@ -157,7 +165,7 @@ def sample_valid_vectors(emb: xr.DataArray, n: int | None, seed: int = 0,
         return vectors[sample_rows(len(vectors), n, seed)], len(vectors)
     import dask.array as dask_array
 
-    data, valid = _lazy_parts(emb_t)
+    data, valid = lazy_parts(emb_t)
     lead = _lead_index(data)
     args = [data, lead + "e"] + ([] if valid is None else [valid, lead])
     mask = dask_array.blockwise(_block_mask, lead, *args, dtype=bool, concatenate=True).compute()
@@ -200,7 +208,7 @@ def map_valid_blocks(
         return unflatten(func(vectors), mask, name, fill=fill, band=band, attrs=attrs)
     import dask.array as dask_array
 
-    data, valid = _lazy_parts(emb_t)
+    data, valid = lazy_parts(emb_t)
     lead = _lead_index(data)
     extra = (len(band[1]),) if band is not None else ()
 

@@ -1,4 +1,9 @@
-"""Change detection: cosine distance between dates, automatic threshold, per-polygon summary."""
+"""Change detection: cosine distance between dates, automatic threshold, per-polygon summary.
+
+Dask-backed embeddings (``terrafm.open_embedding``) stay lazy: the distance is computed chunk by
+chunk and the Otsu threshold comes from a streamed histogram (one pass for the range, one for
+the counts), equal bit for bit to the in-memory threshold.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,38 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
-from ._grid import EMBEDDING_DIM, check_embedding, check_same_grid, l2_normalize, valid_mask, with_georef
+from ._grid import EMBEDDING_DIM, check_embedding, check_same_grid, is_lazy, l2_normalize, lazy_parts, with_georef
 
 logger = logging.getLogger(__name__)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold (maximises between-class variance) of finite ``values``."""
+    """Otsu's threshold (maximises between-class variance) of finite ``values``.
+
+    Examples
+    --------
+    >>> round(otsu_threshold(np.array([0.1, 0.12, 0.11, 0.9, 0.92])), 4)   # midway between the two groups
+    0.51
+    """
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size < 2 or values.min() == values.max():
         raise ValueError("need at least two distinct finite distances to pick an Otsu threshold; use percentile=")
     hist, edges = np.histogram(values, bins=bins)
+    return otsu_from_histogram(hist, edges)
+
+
+def otsu_from_histogram(hist: np.ndarray, edges: np.ndarray) -> float:
+    """Otsu's threshold from bin counts ``hist`` and their ``edges`` (len(hist) + 1).
+
+    The one Otsu rule: :func:`otsu_threshold` (values in memory) and :func:`change` on dask-backed
+    embeddings (a histogram summed over chunks) both end here, so they pick the same threshold.
+
+    Examples
+    --------
+    >>> otsu_from_histogram(np.array([5, 0, 0, 5]), np.array([0.0, 1.0, 2.0, 3.0, 4.0]))
+    2.0
+    """
     centers = (edges[:-1] + edges[1:]) / 2
     weight_low = np.cumsum(hist)
     weight_high = weight_low[-1] - weight_low
@@ -34,22 +59,103 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float((lo + hi) / 2)
 
 
+def _block_range(block: np.ndarray) -> tuple[float, float, int]:
+    values = np.asarray(block, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return np.inf, -np.inf, 0
+    return float(values.min()), float(values.max()), int(values.size)
+
+
+def _block_histogram(block: np.ndarray, bins: int, low: float, high: float) -> np.ndarray:
+    values = np.asarray(block, dtype=np.float64)
+    return np.histogram(values[np.isfinite(values)], bins=bins, range=(low, high))[0]
+
+
+def _streamed_otsu(distance, bins: int = 256) -> tuple[float, float, float, int]:
+    """``(threshold or nan, min, max, count)`` of the finite values of a dask array, in two streaming passes.
+
+    The histogram has the edges ``np.histogram`` picks for all values at once (``range`` = their
+    min and max), and each value falls in the same bin, so the counts and the threshold equal
+    :func:`otsu_threshold` of the values in memory.
+    """
+    import dask
+
+    blocks = list(distance.to_delayed().ravel())
+    ranges = dask.compute(*[dask.delayed(_block_range)(b) for b in blocks])
+    low = min(r[0] for r in ranges)
+    high = max(r[1] for r in ranges)
+    count = sum(r[2] for r in ranges)
+    if count < 2 or low == high:
+        return float("nan"), low, high, count
+    hists = dask.compute(*[dask.delayed(_block_histogram)(b, bins, low, high) for b in blocks])
+    edges = np.histogram_bin_edges(np.empty(0), bins=bins, range=(low, high))
+    return otsu_from_histogram(np.sum(hists, axis=0), edges), low, high, count
+
+
+def _distance_block(a: np.ndarray, b: np.ndarray, valid_a=None, valid_b=None) -> np.ndarray:
+    """float32 ``1 - cos(a, b)`` over the last axis; NaN where either vector is non-finite or not valid."""
+    both = np.isfinite(a).all(-1) & np.isfinite(b).all(-1)
+    if valid_a is not None:
+        both &= np.asarray(valid_a, dtype=bool)
+    if valid_b is not None:
+        both &= np.asarray(valid_b, dtype=bool)
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    dist = 1.0 - (l2_normalize(np.nan_to_num(a)) * l2_normalize(np.nan_to_num(b))).sum(-1)
+    return np.where(both, dist, np.nan).astype(np.float32)
+
+
 def cosine_distance(emb_a: xr.DataArray, emb_b: xr.DataArray) -> xr.DataArray:
     """Per-position ``1 - cos(a, b)`` in [0, 2]; NaN where either date is invalid; ``spatial_ref`` kept."""
     check_embedding(emb_a, "emb_a")
     check_embedding(emb_b, "emb_b")
     check_same_grid(emb_a, emb_b)
-    a = np.asarray(emb_a.transpose(..., "y", "x", EMBEDDING_DIM).values, dtype=np.float64)
-    b = np.asarray(emb_b.transpose(..., "y", "x", EMBEDDING_DIM).values, dtype=np.float64)
-    both = np.asarray(valid_mask(emb_a.transpose(..., "y", "x", EMBEDDING_DIM)).values) & np.asarray(
-        valid_mask(emb_b.transpose(..., "y", "x", EMBEDDING_DIM)).values
-    )
-    dist = 1.0 - (l2_normalize(np.nan_to_num(a)) * l2_normalize(np.nan_to_num(b))).sum(-1)
-    dist = np.where(both, dist, np.nan).astype(np.float32)
-    template = valid_mask(emb_a.transpose(..., "y", "x", EMBEDDING_DIM))
-    coords = {k: v for k, v in template.coords.items() if set(v.dims) <= set(template.dims)}
-    out = xr.DataArray(dist, dims=template.dims, coords=coords, name="cosine_distance")
-    return with_georef(out, emb_a)
+    emb_a = emb_a.transpose(..., "y", "x", EMBEDDING_DIM)
+    emb_b = emb_b.transpose(..., "y", "x", EMBEDDING_DIM)
+    template = emb_a if emb_a.ndim >= emb_b.ndim else emb_b
+    if is_lazy(emb_a) or is_lazy(emb_b):
+        dist = _lazy_distance(emb_a, emb_b)
+    else:
+        valid = [e.coords["valid"].values if "valid" in e.coords else None for e in (emb_a, emb_b)]
+        dist = _distance_block(emb_a.values, emb_b.values, *valid)
+    dims = template.dims[:-1]
+    coords = {k: v for k, v in template.coords.items() if set(v.dims) <= set(dims) and k != "valid"}
+    out = xr.DataArray(dist, dims=dims, coords=coords, name="cosine_distance")
+    return with_georef(out, template)
+
+
+def _lazy_distance(emb_a: xr.DataArray, emb_b: xr.DataArray):
+    """dask (…, y, x) distance, chunked like the lazier / longer input (the other is rechunked to it)."""
+    import dask.array as dask_array
+
+    (data_a, valid_a), (data_b, valid_b) = lazy_parts(emb_a), lazy_parts(emb_b)
+    if data_a.ndim != data_b.ndim:
+        reference = data_a if data_a.ndim > data_b.ndim else data_b
+    else:
+        reference = data_a if is_lazy(emb_a) else data_b
+    lead = "tyx"[3 - (reference.ndim - 1):]
+
+    def aligned(array, positions: bool):
+        if array is None:
+            return None
+        ndim = array.ndim
+        chunks = reference.chunks[:-1] if positions else reference.chunks
+        return array.rechunk(chunks[len(chunks) - ndim:])
+
+    arrays = [(aligned(data_a, False), "e"), (aligned(data_b, False), "e"),
+              (aligned(valid_a, True), ""), (aligned(valid_b, True), "")]
+    present = [array is not None for array, _ in arrays]
+    args = []
+    for array, tail in arrays:
+        if array is not None:
+            args += [array, lead[len(lead) - (array.ndim - len(tail)):] + tail]
+
+    def kernel(a, b, *valid):
+        valid = iter(valid)
+        return _distance_block(a, b, next(valid) if present[2] else None, next(valid) if present[3] else None)
+
+    return dask_array.blockwise(kernel, lead, *args, dtype=np.float32, concatenate=True)
 
 
 def change(
@@ -77,7 +183,10 @@ def change(
     -------
     xr.Dataset
         ``distance`` (float32, NaN invalid), ``changed`` (float32 1/0, NaN invalid) and
-        ``attrs["threshold"]``; ``spatial_ref`` kept. With ``polygons``, returns
+        ``attrs["threshold"]``; ``spatial_ref`` kept. Lazy for dask-backed embeddings: the
+        threshold is computed now (Otsu: two streaming passes over the distance, equal to the
+        in-memory threshold; ``percentile=``: the distance map, 1/D of the embedding, is read
+        into memory), the maps chunk by chunk when computed or written. With ``polygons``, returns
         ``(ds, summary)`` where summary is :func:`summarize_change` of the polygons.
 
     Examples
@@ -98,16 +207,26 @@ def change(
         distance = with_georef(distance, emb_a)
     else:
         distance = cosine_distance(emb_a, emb_b)
-    values = distance.values[np.isfinite(distance.values)]
-    if values.size == 0:
+    otsu = percentile is None and (threshold == "otsu" or threshold is None)
+    if is_lazy(distance) and percentile is None:
+        if otsu:
+            thr, low, high, count = _streamed_otsu(distance.data)
+        else:
+            low, high, count = np.nan, np.nan, int(np.isfinite(distance).sum())
+        values = None
+    else:
+        values = distance.values[np.isfinite(distance.values)]
+        count = values.size
+        low, high = (values.min(), values.max()) if count else (np.nan, np.nan)
+    if count == 0:
         raise ValueError("no position is valid on both dates; pick clearer dates or fill gaps with a composite")
     if percentile is not None:
         thr = float(np.percentile(values, percentile))
-    elif threshold == "otsu" or threshold is None:
-        if float(values.max() - values.min()) < 1e-6:
+    elif otsu:
+        if float(np.float32(high) - np.float32(low)) < 1e-6:
             logger.info("distances are all equal (no change); threshold set to their maximum")
-            thr = float(values.max())
-        else:
+            thr = float(high)
+        elif values is not None:
             thr = otsu_threshold(values)
     else:
         thr = float(threshold)
@@ -117,8 +236,11 @@ def change(
     ds.attrs["threshold"] = thr
     ds.attrs["threshold_method"] = "percentile" if percentile is not None else (
         "otsu" if threshold in ("otsu", None) else "fixed")
-    logger.info("change threshold %.4f (%s); %.1f%% changed", thr, ds.attrs["threshold_method"],
-                100 * float(np.nanmean(changed.values)))
+    if is_lazy(changed):
+        logger.info("change threshold %.4f (%s)", thr, ds.attrs["threshold_method"])
+    else:
+        logger.info("change threshold %.4f (%s); %.1f%% changed", thr, ds.attrs["threshold_method"],
+                    100 * float(np.nanmean(changed.values)))
     if polygons is not None:
         return ds, summarize_change(ds, polygons)
     return ds

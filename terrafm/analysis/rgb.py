@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 from ._checks import require_int
-from ._grid import flatten_valid, sample_rows, unflatten
+from ._grid import EMBEDDING_DIM, check_embedding, map_valid_blocks, sample_valid_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,19 @@ class RGBReducer:
         return np.clip((projected - self.low) / span, 0.0, 1.0).astype(np.float32)
 
     def transform(self, emb: xr.DataArray) -> xr.DataArray:
-        """Colour ``emb`` with this reducer; returns (…, y, x, band) float32 in [0, 1], NaN where invalid."""
-        vectors, mask = flatten_valid(emb)
-        rgb = self.stretch(self.project(vectors))
-        return unflatten(rgb, mask, "rgb", band=("band", RGB_BANDS), attrs={"reducer": self.method})
+        """Colour ``emb`` with this reducer; returns (…, y, x, band) float32 in [0, 1], NaN where invalid.
+
+        A dask-backed ``emb`` (``terrafm.open_embedding``) gives a lazy result coloured chunk by
+        chunk when computed or written (``to_cog``, ``.rio.to_raster``), in bounded memory.
+        """
+        check_embedding(emb)
+        if emb.sizes[EMBEDDING_DIM] != self.model.n_features_in_:
+            raise ValueError(
+                f"reducer was fitted on {self.model.n_features_in_}-dim embeddings but emb has "
+                f"{emb.sizes[EMBEDDING_DIM]}; use the same model for both dates or fit a new reducer"
+            )
+        return map_valid_blocks(emb, lambda vectors: self.stretch(self.project(vectors)), "rgb",
+                                band=("band", RGB_BANDS), attrs={"reducer": self.method})
 
 
 def fit_rgb(
@@ -79,7 +88,11 @@ def fit_rgb(
         PCA (scikit-learn, randomized SVD for large samples) or UMAP (umap-learn).
     sample : int or None
         Number of valid vectors to fit on (None: all). UMAP cost grows super-linearly, so keep it
-        ~1e4–1e5; the remaining vectors are transformed chunk by chunk.
+        ~1e4–1e5; the remaining vectors are transformed chunk by chunk. The rows are
+        :func:`~terrafm.analysis._grid.sample_rows` of the valid positions in ((time,) y, x) order,
+        so an in-memory and a dask-backed copy of the same embedding get the same sample; from a
+        dask-backed ``emb`` only the sampled vectors are read (plus one streaming pass for the
+        valid mask), and ``sample=None`` reads every valid vector into memory.
     seed : int
         Random seed for the sample and the reducer.
     percentiles : (float, float)
@@ -108,10 +121,9 @@ def fit_rgb(
     require_int("chunk_size", chunk_size, fix="vectors transformed per step, e.g. 65536")
     low, high = _check_percentiles(percentiles)
     _check_reducer_options(method, reducer_kwargs)
-    vectors, _ = flatten_valid(emb)
-    if len(vectors) < 4:
-        raise ValueError(f"only {len(vectors)} valid positions; need at least 4 to fit a colour reducer")
-    fit_vectors = vectors[sample_rows(len(vectors), sample, seed)]
+    fit_vectors, n_valid = sample_valid_vectors(emb, sample, seed)
+    if n_valid < 4:
+        raise ValueError(f"only {n_valid} valid positions; need at least 4 to fit a colour reducer")
     if method == "pca":
         from sklearn.decomposition import PCA
 
@@ -129,7 +141,7 @@ def fit_rgb(
         model = umap.UMAP(**kwargs)
         model.fit(fit_vectors)
         model.n_features_in_ = fit_vectors.shape[1]
-    logger.info("fitted %s on %d of %d valid vectors", method, len(fit_vectors), len(vectors))
+    logger.info("fitted %s on %d of %d valid vectors", method, len(fit_vectors), n_valid)
     reducer = RGBReducer(method, model, np.zeros(3), np.ones(3), chunk_size=chunk_size, n_fit=len(fit_vectors))
     if method == "umap":
         projected = np.asarray(model.embedding_, dtype=np.float32)
@@ -198,6 +210,8 @@ def to_rgb(
     -------
     xr.DataArray
         dims (time?, y, x, band) with band = r, g, b; NaN where invalid; ``spatial_ref`` kept.
+        Lazy for a dask-backed ``emb`` (``terrafm.open_embedding``): fitted on the sample now,
+        coloured chunk by chunk when computed or written, so memory is bounded by the chunk size.
 
     Examples
     --------

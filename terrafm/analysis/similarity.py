@@ -1,4 +1,9 @@
-"""Similarity search: which positions look like a query location, polygon or vector."""
+"""Similarity search: which positions look like a query location, polygon or vector.
+
+Works on in-memory and dask-backed (``terrafm.open_embedding``) embeddings alike: a point query
+reads one chunk, a polygon its window, the score map is computed chunk by chunk and
+:func:`top_k` merges per-chunk rankings, so memory is bounded by the chunk size.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from ._checks import require_int
-from ._grid import EMBEDDING_DIM, check_embedding, flatten_valid, l2_normalize, unflatten, valid_mask
+from ._grid import EMBEDDING_DIM, check_embedding, is_lazy, l2_normalize, map_valid_blocks, valid_mask
 
 
 def _single_date(emb: xr.DataArray) -> xr.DataArray:
@@ -51,19 +56,12 @@ def query_vectors(emb: xr.DataArray, query: Any) -> np.ndarray:
         query = (float(query.x), float(query.y))
     geometry = _as_geometry(query, emb)
     if geometry is not None:
-        mask_inside = _positions_in_geometry(emb, geometry)
-        inside = mask_inside & np.asarray(valid_mask(emb).values)
-        if not inside.any():
-            raise ValueError(
-                "the query polygon covers no valid embedding position; check its CRS (GeoDataFrame CRS or "
-                "EPSG:4326 for bare shapely) and that it overlaps the area"
-            )
-        data = np.asarray(emb.transpose("y", "x", EMBEDDING_DIM).values)
-        return data[inside].mean(axis=0, keepdims=True).astype(np.float32)
+        return _polygon_mean(emb, geometry)
     if isinstance(query, tuple) and len(query) == 2 and np.isscalar(query[0]) and depth != 2:
         row, col = _lonlat_to_index(emb, float(query[0]), float(query[1]))
-        vec = np.asarray(emb.transpose("y", "x", EMBEDDING_DIM).values[row, col], dtype=np.float32)
-        if not np.isfinite(vec).all() or ("valid" in emb.coords and not bool(emb["valid"].values[row, col])):
+        cell = emb.isel(y=row, x=col)  # reads one chunk of a dask-backed emb
+        vec = np.asarray(cell.values, dtype=np.float32)
+        if not np.isfinite(vec).all() or ("valid" in cell.coords and not bool(cell["valid"].values)):
             raise ValueError(f"query ({query[0]}, {query[1]}) hits an invalid (cloud/nodata) position; move it")
         return vec[None]
     if query is None or isinstance(query, (str, bytes)) or isinstance(query, dict):
@@ -103,11 +101,60 @@ def _as_geometry(query: Any, emb: xr.DataArray):
 
 
 def _positions_in_geometry(emb: xr.DataArray, geometry) -> np.ndarray:
+    """(y, x) bool: the cells of the whole grid whose centre ``geometry`` covers (used by the label app)."""
+    rows, cols, inside = _geometry_window(emb, geometry)
+    covered = np.zeros((emb.sizes["y"], emb.sizes["x"]), bool)
+    covered[rows, cols] = inside
+    return covered
+
+
+def _geometry_window(emb: xr.DataArray, geometry) -> tuple[slice, slice, np.ndarray]:
+    """``(rows, cols, inside)``: the grid window around ``geometry`` and which of its cells it covers."""
+    from affine import Affine
     from rasterio.features import geometry_mask
 
+    if geometry.is_empty:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), bool)
     transform = emb.rio.transform(recalc=True)
-    return geometry_mask([geometry], out_shape=(emb.sizes["y"], emb.sizes["x"]), transform=transform,
-                         invert=True, all_touched=False)
+    left, bottom, right, top = geometry.bounds
+    corners = [~transform @ (x, y) for x in (left, right) for y in (bottom, top)]
+    cols = [c for c, _ in corners]
+    rows = [r for _, r in corners]
+    r0, r1 = max(int(np.floor(min(rows))), 0), min(int(np.ceil(max(rows))), emb.sizes["y"])
+    c0, c1 = max(int(np.floor(min(cols))), 0), min(int(np.ceil(max(cols))), emb.sizes["x"])
+    if r1 <= r0 or c1 <= c0:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), bool)
+    inside = geometry_mask([geometry], out_shape=(r1 - r0, c1 - c0), transform=transform @ Affine.translation(c0, r0),
+                           invert=True, all_touched=False)
+    return slice(r0, r1), slice(c0, c1), inside
+
+
+def _polygon_mean(emb: xr.DataArray, geometry) -> np.ndarray:
+    """Mean vector (1, D) of the valid positions inside ``geometry``, reading only its window."""
+    rows, cols, inside = _geometry_window(emb, geometry)
+    if inside.any():
+        window = emb.isel(y=rows, x=cols).transpose("y", "x", EMBEDDING_DIM)
+        inside = inside & np.asarray(valid_mask(window).values)
+    if not inside.any():
+        raise ValueError(
+            "the query polygon covers no valid embedding position; check its CRS (GeoDataFrame CRS or "
+            "EPSG:4326 for bare shapely) and that it overlaps the area"
+        )
+    data = np.asarray(window.values)
+    return data[inside].mean(axis=0, keepdims=True).astype(np.float32)
+
+
+def _scores(vectors: np.ndarray, queries: np.ndarray, metric: str, reduce: str) -> np.ndarray:
+    """float32 (n,) similarity of (n, D) ``vectors`` to (m, D) ``queries`` combined over the queries."""
+    if metric == "cosine":
+        scores = l2_normalize(vectors.astype(np.float64)) @ l2_normalize(queries.astype(np.float64)).T
+    else:
+        d2 = (vectors.astype(np.float64) ** 2).sum(1)[:, None] - 2 * vectors @ queries.T.astype(np.float64) + (
+            queries.astype(np.float64) ** 2
+        ).sum(1)[None]
+        scores = -np.sqrt(np.maximum(d2, 0))
+    combined = scores.max(1) if reduce == "max" else scores.mean(1)
+    return combined.astype(np.float32)
 
 
 def similarity(
@@ -133,7 +180,9 @@ def similarity(
     -------
     xr.DataArray
         (y, x) similarity map named "similarity", NaN where invalid, ``spatial_ref`` kept. Use
-        :func:`top_k` for the best locations as a GeoDataFrame.
+        :func:`top_k` for the best locations as a GeoDataFrame. For a dask-backed ``emb`` the
+        query is read now (a point: one chunk; a polygon: its window) and the map is lazy,
+        computed chunk by chunk.
 
     Examples
     --------
@@ -146,16 +195,8 @@ def similarity(
         raise ValueError(f"reduce={reduce!r}: several query vectors combine per position by 'max' or 'mean'")
     emb = _single_date(check_embedding(emb))
     queries = query_vectors(emb, query)
-    vectors, mask = flatten_valid(emb)
-    if metric == "cosine":
-        scores = l2_normalize(vectors.astype(np.float64)) @ l2_normalize(queries.astype(np.float64)).T
-    elif metric == "euclidean":
-        d2 = (vectors.astype(np.float64) ** 2).sum(1)[:, None] - 2 * vectors @ queries.T.astype(np.float64) + (
-            queries.astype(np.float64) ** 2
-        ).sum(1)[None]
-        scores = -np.sqrt(np.maximum(d2, 0))
-    combined = scores.max(1) if reduce == "max" else scores.mean(1)
-    return unflatten(combined.astype(np.float32), mask, "similarity", attrs={"metric": metric})
+    return map_valid_blocks(emb, lambda vectors: _scores(vectors, queries, metric, reduce), "similarity",
+                            attrs={"metric": metric})
 
 
 def top_k(score: xr.DataArray, k: int = 10, largest: bool = True):
@@ -163,6 +204,9 @@ def top_k(score: xr.DataArray, k: int = 10, largest: bool = True):
 
     ``k`` is a positive integer; when the map has fewer finite cells than ``k``, all of them
     are returned, ranked (NaN cells are never ranked). A map without a finite cell is an error.
+    Equal scores rank by position: the earlier cell in row-major (y, x) order first. A lazy
+    (dask) map is ranked in one streaming pass: each chunk's ``k`` best, then the best ``k`` of
+    those; exact, and the same rows as the in-memory ranking.
 
     Examples
     --------
@@ -177,18 +221,55 @@ def top_k(score: xr.DataArray, k: int = 10, largest: bool = True):
     if set(score.dims) != {"y", "x"}:
         raise ValueError(f"top_k ranks a (y, x) score map, but score has dims {score.dims}; pass the output of "
                          "similarity(emb, query) (select one date with .isel(time=i))")
-    values = np.asarray(score.transpose("y", "x").values, dtype=np.float64)
-    finite = int(np.isfinite(values).sum())
+    if is_lazy(score):
+        rows, cols, best, finite = _streamed_top_k(score.transpose("y", "x").data, k, largest)
+    else:
+        values = np.asarray(score.transpose("y", "x").values, dtype=np.float64)
+        finite = int(np.isfinite(values).sum())
+        rows = cols = best = None
     if finite == 0:
         raise ValueError("score has no finite value (all NaN) to rank; check the embedding's valid cells and the "
                          "query of similarity()")
-    flat = np.where(np.isfinite(values), values if largest else -values, -np.inf).ravel()
     k = min(k, finite)
-    order = np.argsort(-flat, kind="stable")[:k]
-    rows, cols = np.unravel_index(order, values.shape)
+    if rows is None:
+        flat = np.where(np.isfinite(values), values if largest else -values, -np.inf).ravel()
+        order = np.argsort(-flat, kind="stable")[:k]
+        rows, cols = np.unravel_index(order, values.shape)
+        best = values[rows, cols]
     xs, ys = score["x"].values[cols], score["y"].values[rows]
     return gpd.GeoDataFrame(
-        {"rank": np.arange(1, k + 1), "row": rows, "col": cols, score.name or "score": values[rows, cols]},
+        {"rank": np.arange(1, k + 1), "row": rows, "col": cols, score.name or "score": best},
         geometry=gpd.points_from_xy(xs, ys),
         crs=score.rio.crs,
     )
+
+
+def _block_top_k(block: np.ndarray, row0: int, col0: int, n_cols: int, k: int, largest: bool):
+    """``(values, flat positions, finite count)`` of a block's ``k`` best finite cells (same order as top_k)."""
+    values = np.asarray(block, dtype=np.float64)
+    finite = np.isfinite(values)
+    rows, cols = np.nonzero(finite)
+    flat = (rows + row0) * n_cols + (cols + col0)
+    picked = values[rows, cols]
+    order = np.lexsort((flat, -picked if largest else picked))[:k]
+    return picked[order], flat[order], int(finite.sum())
+
+
+def _streamed_top_k(data, k: int, largest: bool):
+    """Exact top-k of a dask (y, x) array: each chunk's k best (ranked like the in-memory argsort: by score,
+    ties by row-major position), then the best k of those; one pass, memory ~ chunk + k per chunk."""
+    import dask
+
+    row_starts = np.cumsum((0,) + data.chunks[0][:-1])
+    col_starts = np.cumsum((0,) + data.chunks[1][:-1])
+    blocks = data.to_delayed()
+    parts = [dask.delayed(_block_top_k)(blocks[i, j], int(row_starts[i]), int(col_starts[j]), data.shape[1], k,
+                                        largest)
+             for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
+    parts = dask.compute(*parts)
+    values = np.concatenate([p[0] for p in parts])
+    flat = np.concatenate([p[1] for p in parts])
+    finite = sum(p[2] for p in parts)
+    order = np.lexsort((flat, -values if largest else values))[:k]
+    rows, cols = np.unravel_index(flat[order], data.shape)
+    return rows, cols, values[order], finite
