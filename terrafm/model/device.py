@@ -131,12 +131,15 @@ def process_group_backend(device: torch.device) -> str:
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """Reduced-precision dtype for ``precision`` on ``device`` (None means full fp32).
 
-    ``"auto"`` is bf16 on CUDA GPUs that support it, else fp16 on CUDA and MPS, and fp32 on
-    CPU (CPU autocast is slower than fp32 on most machines).
+    ``"auto"`` is bf16 on CUDA GPUs that support it, else fp16 on CUDA and MPS; on a CPU it is
+    bf16 where the CPU runs bf16 natively (AVX512-BF16/AMX, Arm BF16:
+    :func:`terrafm.model.cpu_features.native_bf16`, overridable with ``TERRAFM_CPU_BF16=0/1``) and
+    fp32 elsewhere, where bf16 would be emulated and slower. ``"fp32"`` is bit-exact and
+    deterministic on every device.
 
     Examples
     --------
-    >>> autocast_dtype(torch.device("cpu")) is None, autocast_dtype(torch.device("cpu"), "bf16")
+    >>> autocast_dtype(torch.device("cpu"), "fp32") is None, autocast_dtype(torch.device("cpu"), "bf16")
     (True, torch.bfloat16)
     """
     if precision in ("fp32", "float32", None):
@@ -151,7 +154,11 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return None
+    from .cpu_features import native_bf16
+
+    answer = native_bf16()
+    logger.debug("precision='auto' on %s: %s (%s)", device, "bf16" if answer.native else "fp32", answer.source)
+    return torch.bfloat16 if answer.native else None
 
 
 def autocast(device: torch.device, precision: str = "auto"):
