@@ -11,12 +11,13 @@ from .change import change, cosine_distance, otsu_threshold, summarize_change
 from .classify import Classifier, fit_classifier
 from .cluster import cluster
 from .export import to_cog, to_geoparquet, to_zarr
+from .index import VectorIndex
 from .labels import labels_to_grid
 from .rgb import RGBReducer, fit_rgb, to_rgb
 from .similarity import similarity, top_k
 
 __all__ = [
-    "Classifier", "RGBReducer", "change", "cluster", "cosine_distance", "fit_classifier", "fit_rgb",
+    "Classifier", "RGBReducer", "VectorIndex", "change", "cluster", "cosine_distance", "fit_classifier", "fit_rgb",
     "labels_to_grid", "otsu_threshold", "similarity", "summarize_change", "to_cog", "to_geoparquet",
     "to_rgb", "to_zarr", "top_k",
 ]
