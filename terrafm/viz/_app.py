@@ -161,3 +161,38 @@ class MapApp:
         from IPython.display import display
 
         display(self.widget)
+
+
+def check_index(index: Any, emb: Any) -> Any:
+    """``index`` (a :class:`terrafm.analysis.VectorIndex`) when it can answer queries made of ``emb``'s
+    vectors: a clear error otherwise (not an index, empty, another embedding dimension)."""
+    if index is None:
+        return None
+    if not (callable(getattr(index, "search", None)) and hasattr(index, "dim")):
+        raise TypeError(f"index must be a terrafm.analysis.VectorIndex (VectorIndex.build(stores) or "
+                        f"VectorIndex.open(path)), got {type(index).__name__}")
+    if len(index) == 0:
+        raise ValueError("the index holds no vectors; add embedding stores with index.add(store) first")
+    depth = getattr(emb, "sizes", {}).get("embedding")
+    if depth is not None and int(index.dim) != int(depth):
+        raise ValueError(f"the index holds {index.dim}-dim vectors but emb has {depth}-dim embeddings: build the "
+                         "index from stores embedded with the same model as emb")
+    return index
+
+
+def hit_label(hit: Any) -> str:
+    """One line for a search hit (a row of ``VectorIndex.search``): store name, date, score.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> hit_label(pd.Series({"store": "/data/june.zarr", "time": pd.Timestamp("2023-06-05"), "score": 0.98765}))
+    'june.zarr, 2023-06-05, score 0.988'
+    """
+    from pathlib import PurePath
+
+    import pandas as pd
+
+    time = hit.get("time")
+    date = "" if time is None or pd.isna(time) else f", {str(pd.Timestamp(time).date())}"
+    return f"{PurePath(str(hit['store'])).name}{date}, score {float(hit['score']):.3f}"
