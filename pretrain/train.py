@@ -43,12 +43,38 @@ CHECKPOINT_NAME = "checkpoint.pth"
 # ----------------------------------------------------------------------------- distributed
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the torchrun process group (NCCL on GPU, Gloo on CPU); (rank, world) = (0, 1) alone."""
+    from terrafm.model.device import process_group_backend
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # device_id binds NCCL's communicator to this rank's GPU (not cuda:0) from the start
+        dist.init_process_group(process_group_backend(device),
+                                **({"device_id": device} if device.type == "cuda" else {}))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def setup_device(device: str | int | torch.device = "auto") -> tuple[torch.device, int, int]:
+    """This process's device, rank and world size: ``cuda:LOCAL_RANK`` under torchrun on a GPU node.
+
+    The device comes from :func:`terrafm.model.device.device_for_rank` (one GPU per local rank),
+    is made the current CUDA device before the process group starts (NCCL on CUDA, Gloo on CPU).
+
+    Examples
+    --------
+    >>> setup_device("cpu")   # alone: no process group
+    (device(type='cpu'), 0, 1)
+    """
+    from terrafm.model.device import device_for_rank
+
+    device = device_for_rank(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = init_distributed(device)
+    if world > 1:
+        logger.info("rank %d of %d (local rank %s) on %s", rank, world, os.environ.get("LOCAL_RANK", "0"), device)
+    return device, rank, world
 
 
 def _all_mean(value: torch.Tensor) -> torch.Tensor:
@@ -552,12 +578,10 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
 
     ``resume``: ``"auto"`` continues from ``output_dir/checkpoint.pth`` when present, a path
     continues from that file, None starts fresh. ``stop_after`` ends the call after that global
-    iteration (checkpointing first), e.g. to split a run across jobs.
+    iteration (checkpointing first), e.g. to split a run across jobs. ``device``: ``"auto"`` (or
+    ``"cuda"``) gives each torchrun process its own GPU, ``cuda:LOCAL_RANK`` (see :func:`setup_device`).
     """
-    from terrafm.model import resolve_device
-
-    device = resolve_device(device)
-    rank, world = init_distributed(device)
+    device, rank, world = setup_device(device)
     cfg.validate(world)
     output_dir = Path(cfg.run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -594,6 +618,7 @@ def train(cfg: PretrainConfig, resume: str | None = "auto", stop_after: int | No
     if world > 1:
         student_ddp = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None,
+            output_device=device.index if device.type == "cuda" else None,
             find_unused_parameters=True)
 
     # loss, optimizer, schedules
@@ -720,7 +745,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override a config value, e.g. --set data.root=/data/majortom")
     parser.add_argument("--resume", default="auto", help="'auto', 'none' or a checkpoint path")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this iteration")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto",
+                        help="auto (each torchrun process takes cuda:LOCAL_RANK, else MPS or CPU), cpu, cuda or cuda:N")
     parser.add_argument("--losses-out", default=None, help="write this call's losses (one per line)")
     parser.add_argument("--upgrade-checkpoint", metavar="RUN_DIR", default=None,
                         help="convert the checkpoints of a run written by an older pretrain.train, then exit")
