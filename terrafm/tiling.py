@@ -25,22 +25,105 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
+
 from odc.geo.geobox import GeoBox
 
 from .sensors import PATCH_SIZE
 
-__all__ = ["ChipGrid", "Chip", "default_margin"]
+__all__ = ["ChipGrid", "Chip", "default_margin", "resolve_margin", "seam_positions", "seam_figures",
+           "OVERLAP_SETTINGS"]
+
+
+DEFAULT_FRACTION = 0.25
+FAST_MARGIN = 0
 
 
 def default_margin(chip_size: int) -> int:
-    """Border discarded on each side of a chip: a quarter of the chip, rounded to whole patches.
+    """Border discarded on each side of a chip by default: DEFAULT_FRACTION of the chip, rounded
+    down to whole patches (see benchmarks/README.md for the measured trade-off).
 
     Examples
     --------
     >>> default_margin(224)
     48
     """
-    return max(0, (chip_size // 4) // PATCH_SIZE * PATCH_SIZE)
+    return max(0, int(chip_size * DEFAULT_FRACTION) // PATCH_SIZE * PATCH_SIZE)
+
+
+def resolve_margin(chip_size: int, overlap: int | str | None) -> int:
+    """Pixels discarded per chip side for ``terrafm.embed``'s ``overlap``: None for the default
+    (:func:`default_margin`), a name of :data:`OVERLAP_SETTINGS` or a number of pixels (a
+    multiple of 16, checked by :class:`ChipGrid`).
+
+    Examples
+    --------
+    >>> resolve_margin(224, None), resolve_margin(224, "fast"), resolve_margin(224, 64)
+    (48, 0, 64)
+    """
+    if overlap is None:
+        return default_margin(chip_size)
+    if isinstance(overlap, str):
+        if overlap not in OVERLAP_SETTINGS:
+            raise ValueError(f"overlap={overlap!r} is not a setting; use one of {sorted(OVERLAP_SETTINGS)}, "
+                             f"None (default, {default_margin(chip_size)} px for a {chip_size} px chip) "
+                             "or pixels per side, a multiple of 16")
+        return OVERLAP_SETTINGS[overlap](chip_size)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)):
+        raise TypeError(f"overlap={overlap!r} must be pixels per chip side (an int, a multiple of 16), "
+                        f"None or one of {sorted(OVERLAP_SETTINGS)}")
+    return int(overlap)
+
+
+def seam_positions(n_patches: int, chip_size: int, margin: int) -> np.ndarray:
+    """Along one axis of a stitched patch grid: True for the patches next to a boundary between
+    two chip interiors (the outer edge of the area is no seam).
+
+    Examples
+    --------
+    >>> seam_positions(8, 96, 16).astype(int)
+    array([0, 0, 0, 1, 1, 0, 0, 0])
+    """
+    interior = (chip_size - 2 * margin) // PATCH_SIZE
+    index = np.arange(n_patches)
+    return (((index % interior == 0) & (index > 0))
+            | ((index % interior == interior - 1) & (index < n_patches - 1)))
+
+
+def seam_figures(tiled: np.ndarray, reference: np.ndarray, chip_size: int, margin: int) -> dict[str, float]:
+    """How a stitched ``(y, x, D)`` patch embedding differs from a ``reference`` computed with
+    more context (one chip over the whole area), in float64.
+
+    Returns ``relative_deviation`` (mean distance to the reference ÷ the reference's mean
+    distance to its own mean vector), ``seam_metric`` (mean distance on :func:`seam_positions`
+    ÷ elsewhere: 1 when seams are no worse than chip interiors) and ``step_ratio`` (mean
+    distance between neighbours across a chip boundary ÷ between neighbours within a chip: how
+    visible the seams are in a map, without a reference).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> ref = rng.normal(size=(8, 8, 4))
+    >>> figures = seam_figures(ref + 0.1, ref, 96, 16)
+    >>> round(figures["relative_deviation"], 3), round(figures["seam_metric"], 3)
+    (0.105, 1.0)
+    """
+    tiled, reference = np.asarray(tiled, "float64"), np.asarray(reference, "float64")
+    if tiled.shape != reference.shape or tiled.ndim != 3:
+        raise ValueError(f"tiled {tiled.shape} and reference {reference.shape} must be the same (y, x, D) grid")
+    deviation = np.linalg.norm(tiled - reference, axis=-1)
+    spread = np.linalg.norm(reference - reference.mean((0, 1)), axis=-1).mean()
+    seam = seam_positions(tiled.shape[0], chip_size, margin)[:, None] | seam_positions(tiled.shape[1], chip_size, margin)
+    interior = (chip_size - 2 * margin) // PATCH_SIZE
+    across, within = [], []
+    for axis in (0, 1):
+        step = np.moveaxis(np.linalg.norm(np.diff(tiled, axis=axis), axis=-1), axis, 0)  # patch i to i + 1
+        boundary = np.arange(step.shape[0]) % interior == interior - 1
+        across.append(step[boundary].ravel())
+        within.append(step[~boundary].ravel())
+    return {"relative_deviation": float(deviation.mean() / spread),
+            "seam_metric": float(deviation[seam].mean() / deviation[~seam].mean()),
+            "step_ratio": float(np.concatenate(across).mean() / np.concatenate(within).mean())}
 
 
 @dataclass(frozen=True)
@@ -132,3 +215,10 @@ class ChipGrid:
         for r in rows if rows is not None else range(ny):
             for c in cols if cols is not None else range(nx):
                 yield self.chip(r, c)
+
+
+OVERLAP_SETTINGS = {
+    "default": default_margin,
+    "fast": lambda chip_size: FAST_MARGIN,
+}
+"""Named overlap settings of ``terrafm.embed(overlap=...)``: chip size -> pixels per side."""
