@@ -154,7 +154,8 @@ class Engine:
     batch_size : int
         Chips per forward pass (batches never straddle blocks).
     precision : str
-        ``"auto"`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        ``"auto"`` (bf16/fp16 autocast on GPU; bf16 on a CPU with native bf16, else fp32: see
+        :func:`terrafm.model.autocast_dtype`), ``"fp32"`` (bit-exact), ``"bf16"``, ``"fp16"``.
     prefetch : int
         Blocks read ahead by the background thread (bounded queue). One is enough when reading a
         block is faster than running the model on it (the usual case); more only costs memory.
