@@ -122,16 +122,53 @@ NOTEBOOKS = {
     "04_similarity_search.ipynb": [
         ("md", "# 04 · Similarity search\n\n"
                "Click anywhere on the map: every position is coloured by how similar its embedding is to "
-               "the clicked one, and the most similar places are marked.\n\n" + MODE_NOTE),
-        ("settings", settings(CATALOG, MODEL, AREA, DATES, TOOLBAR)),
+               "the clicked one, and the most similar places are marked. Then embed a second date into a "
+               "second store and search both stores at once through a vector index.\n\n" + MODE_NOTE),
+        ("settings", settings(
+            CATALOG, MODEL, AREA, DATES,
+            "AFTER = \"2023-09-01/2023-09-30\"  # a second date range, embedded into a second store\n"
+            "STORES = \"similarity_stores\"  # folder of the two embedding stores (zarr)\n", TOOLBAR)),
         ("code", IMPORTS),
-        ("code", SEARCH_LOAD + "\n" + EMBED),
+        ("md", "Sentinel-2 only, on both dates below: stores searched together should hold the same inputs "
+               "(a date may lack a Sentinel-1 pass). The embeddings go into a zarr store (`out=`): rerunning "
+               "the cell resumes it instead of recomputing. The area is small, so we also load them into "
+               "memory for the map."),
+        ("code", "items = terrafm.stac.search(BBOX, DATES, collections=(\"sentinel-2-l2a\",), url=CATALOG_URL, max_cloud=30)\n"
+                 "ds = terrafm.stac.load(items, BBOX)\n"
+                 "clear = ds.mask_s2_l2a.mean((\"y\", \"x\")).compute()  # share of valid pixels per date\n"
+                 "ds = ds.isel(time=[int(clear.argmax())])  # the least cloudy date\n"
+                 "emb = terrafm.embed(ds, model=MODEL, weights=WEIGHTS, out=f\"{STORES}/first_date.zarr\").load()"),
         ("md", "The app starts with a query in the middle of the area (the same call a click makes)."),
         ("code", "app = viz.SimilarityExplorer(emb, k=15, toolbar=TOOLBAR)\n"
                  "west, south, east, north = BBOX\n"
                  "app.click((west + east) / 2, (south + north) / 2)\n"
                  "app"),
         ("code", "app.matches.head()  # the top matches as a GeoDataFrame (EPSG:4326)"),
+        ("md", "## Search every store: a second date\n"
+               "Embed the least cloudy date of `AFTER` into a second store, then build a "
+               "`terrafm.analysis.VectorIndex` over both stores. One search covers every store and every "
+               "date; each hit says where it comes from (`store`, `time`) with its cosine `score`. A "
+               "(lon, lat) query is looked up in every store covering it, at every date; those cells "
+               "themselves are left out of the results."),
+        ("code", "from pathlib import Path\n\n"
+                 "items_after = terrafm.stac.search(BBOX, AFTER, collections=(\"sentinel-2-l2a\",), url=CATALOG_URL,\n"
+                 "                                  max_cloud=30)\n"
+                 "ds_after = terrafm.stac.load(items_after, BBOX)\n"
+                 "clear_after = ds_after.mask_s2_l2a.mean((\"y\", \"x\")).compute()\n"
+                 "ds_after = ds_after.isel(time=[int(clear_after.argmax())])\n"
+                 "emb_after = terrafm.embed(ds_after, model=MODEL, weights=WEIGHTS, out=f\"{STORES}/second_date.zarr\")\n"
+                 "# overwrite=True: replace the index an earlier run of this notebook saved\n"
+                 "index = terrafm.analysis.VectorIndex.build([f\"{STORES}/first_date.zarr\", f\"{STORES}/second_date.zarr\"],\n"
+                 "                                           overwrite=True)\n"
+                 "index.save()  # beside the first store; terrafm.analysis.VectorIndex.open(index.path) reopens it\n"
+                 "hits = index.search(((west + east) / 2, (south + north) / 2), k=15)\n"
+                 "hits[\"store\"] = [Path(store).name for store in hits[\"store\"]]  # results hold the full path\n"
+                 "hits[[\"store\", \"time\", \"lon\", \"lat\", \"score\"]]"),
+        ("md", "The explorer above now searches the index: a click marks the best places of both dates "
+               "(popup: store, date, score), and `app.results` holds them. "
+               "`viz.SimilarityExplorer(emb, index=index)` opens a new map that does the same."),
+        ("code", "app.set_index(index)  # repeats the last query, now in both stores\n"
+                 "app.results[\"store\"].value_counts()  # the 15 best places, by store"),
     ],
     "05_fewshot_landcover.ipynb": [
         ("md", "# 05 · Few-shot land cover with WorldCover labels\n\n"
