@@ -21,7 +21,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import xarray as xr
@@ -361,16 +361,156 @@ def _template(coords_y, coords_x, times, has_time, d, blocks_shape, keys, chunks
 
 # ---------------------------------------------------------------------- distributed
 _WORKER_MODELS: dict[str, Any] = {}
+_WORKER_DEVICES: dict[str, str] = {}   # model key -> the device this worker ran it on
+
+
+def _device_name(device: Any) -> str:
+    """``"cuda:1"`` for 1, ``"1"``, ``"cuda:1"``; no check that this process has the device
+    (the workers may have GPUs the client has not)."""
+    import torch
+
+    if isinstance(device, str) and device.strip().isdigit():
+        device = int(device)
+    if isinstance(device, (int, np.integer)) and not isinstance(device, bool):
+        return f"cuda:{int(device)}"
+    if not isinstance(device, (str, torch.device)) or str(device) == "auto":
+        raise ValueError(f"device list entry {device!r}: each entry is one device, e.g. 'cuda:0', 'cuda:1' or 0, 1")
+    return str(torch.device(device))
+
+
+def _wants_any_gpu(device: Any) -> bool:
+    """``"auto"``/``"cuda"`` (a torch device too): the worker's GPU is ours to choose."""
+    return device is None or (not isinstance(device, (list, tuple)) and str(device) in ("auto", "cuda"))
+
+
+def worker_devices(workers: Sequence[str], device: Any = "auto",
+                   visibility: dict[str, tuple[int, str | None]] | None = None) -> dict[str, Any]:
+    """The device each dask worker runs the model on: one GPU per worker.
+
+    Workers are taken in sorted address order. An explicit list (``["cuda:0", "cuda:1"]``)
+    gives the i-th worker entry ``i % len(list)``. ``"auto"``/``"cuda"`` spread the workers of
+    one host that see the same GPUs in the same order (``visibility``: address -> (CUDA devices
+    the worker sees, its ``CUDA_VISIBLE_DEVICES``)) over those GPUs, ``cuda:0``, ``cuda:1``, ...;
+    a worker with a ``CUDA_VISIBLE_DEVICES`` of its own (one GPU, or dask-cuda's rotated list
+    whose first GPU is the worker's) takes ``cuda:0``; a worker without CUDA keeps ``device``
+    (``"auto"``: MPS or CPU). Any other device (``"cpu"``, ``"cuda:1"``) is used by every worker.
+
+    Examples
+    --------
+    >>> worker_devices(["tcp://h:2", "tcp://h:1"], ["cuda:0", "cuda:1"])
+    {'tcp://h:1': 'cuda:0', 'tcp://h:2': 'cuda:1'}
+    >>> worker_devices(["tcp://h:1", "tcp://h:2"], "auto", {"tcp://h:1": (2, None), "tcp://h:2": (2, None)})
+    {'tcp://h:1': 'cuda:0', 'tcp://h:2': 'cuda:1'}
+    >>> worker_devices(["tcp://h:1", "tcp://h:2"], "auto", {"tcp://h:1": (2, "0,1"), "tcp://h:2": (2, "1,0")})
+    {'tcp://h:1': 'cuda:0', 'tcp://h:2': 'cuda:0'}
+    """
+    from distributed.comm import get_address_host
+
+    addresses = sorted(workers)
+    if isinstance(device, (list, tuple)):
+        if not device:
+            raise ValueError("device=[] lists no device; pass one per worker, e.g. ['cuda:0', 'cuda:1']")
+        names = [_device_name(d) for d in device]
+        if len({n.split(":")[0] for n in names}) > 1:
+            raise ValueError(f"device={list(device)!r} mixes device types; the workers must compute alike "
+                             "(one precision, one store), so list devices of one type")
+        if len(addresses) > len(names):
+            logger.warning("%d dask workers for %d devices %s: devices are shared", len(addresses), len(names), names)
+        return {a: names[i % len(names)] for i, a in enumerate(addresses)}
+    if not _wants_any_gpu(device) or visibility is None:
+        return {a: device for a in addresses}
+    groups: dict[tuple[str, str | None], list[str]] = {}
+    for a in addresses:
+        groups.setdefault((get_address_host(a), visibility[a][1]), []).append(a)
+    chosen: dict[str, Any] = {}
+    for (host, _), members in groups.items():
+        count = visibility[members[0]][0]
+        if count and len(members) > count:
+            logger.warning("%d dask workers on %s see the same %d GPUs: GPUs are shared", len(members), host, count)
+        for j, a in enumerate(members):
+            chosen[a] = f"cuda:{j % count}" if count else device
+    return {a: chosen[a] for a in addresses}
+
+
+def _cuda_visibility() -> tuple[int, str | None]:
+    import torch
+
+    return (torch.cuda.device_count() if torch.cuda.is_available() else 0), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _worker_precision(devices: dict[str, Any], precision: str, dask_worker=None) -> str:
+    return _precision_used(devices[dask_worker.address], precision)
+
+
+class _WorkerDevices:
+    """The device of each worker, looked up where a block runs: by name (kept by a worker that
+    its nanny restarted), then address; a worker that joined later takes ``fallback`` (one entry
+    of a device list, chosen by its name)."""
+
+    def __init__(self, by_address: dict[str, Any], names: dict[str, Any], fallback: Any) -> None:
+        self.by_address = by_address
+        self.by_name = {names[a]: d for a, d in by_address.items() if a in names}
+        self.fallback = fallback
+
+    def here(self) -> Any:
+        from distributed import get_worker
+
+        worker = get_worker()
+        if worker.address in self.by_address:
+            return self.by_address[worker.address]
+        if worker.name in self.by_name:
+            return self.by_name[worker.name]
+        if isinstance(self.fallback, (list, tuple)):
+            import zlib
+
+            device = self.fallback[zlib.crc32(str(worker.name).encode()) % len(self.fallback)]
+        else:
+            device = self.fallback
+        logger.warning("dask worker %s (%s) joined after the devices were chosen: it uses %s",
+                       worker.name, worker.address, device)
+        return device
+
+
+class _Placement(NamedTuple):
+    devices: _WorkerDevices
+    resources: dict | None      # what each block asks of a worker (GPU workers advertise GPU=1)
+    precision: str              # resolved on the workers: one for the whole store
+
+
+def _place_blocks(client, device: Any, precision: str) -> _Placement:
+    """Devices of the workers, the resources a block asks for, and the precision they all run in."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    gpu_workers = [a for a, w in info.items() if (w.get("resources") or {}).get("GPU", 0) > 0]
+    resources = {"GPU": 1} if gpu_workers else None
+    workers = gpu_workers or list(info)
+    if not workers:
+        raise ValueError("the dask cluster has no workers: start some first (cluster.scale(n), "
+                         "cluster.adapt(minimum=1) or client.wait_for_workers(n)), then call embed(client=...)")
+    visibility = client.run(_cuda_visibility, workers=workers) if _wants_any_gpu(device) else None
+    by_address = worker_devices(workers, device, visibility)
+    logger.info("dask workers -> devices: %s%s", by_address,
+                " (each block asks for resources={'GPU': 1})" if resources else "")
+    # every worker resolves its device now: a device it lacks fails here, before any block
+    precisions = client.run(_worker_precision, by_address, precision, workers=workers)
+    if len(set(precisions.values())) > 1:
+        raise ValueError(f"the workers would compute in different precisions {precisions}; one store needs one: "
+                         "pass precision='fp16' (or 'fp32')")
+    fallback = [_device_name(d) for d in device] if isinstance(device, (list, tuple)) else device
+    names = {a: w.get("name") for a, w in info.items()}
+    return _Placement(_WorkerDevices(by_address, names, fallback), resources, next(iter(precisions.values())))
 
 
 def _block_task(model_key, model, arrays, grid, level, block, block_chips, batch_size,
                 device, precision, out, t_index, keys):
     from .engine import Engine
 
+    if isinstance(device, _WorkerDevices):
+        device = device.here()
     if model_key not in _WORKER_MODELS:
         _WORKER_MODELS[model_key] = model.eval()
     engine = Engine(_WORKER_MODELS[model_key], device=device, batch_size=batch_size,
                     precision=precision, prefetch=1, scheduler="synchronous")
+    _WORKER_DEVICES[model_key] = str(engine.device)
     (result,) = list(engine.run(arrays, grid, level, block_chips, blocks=[block]))
     if out is not None:
         _write_block(out, result, t_index, keys)
@@ -479,6 +619,11 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         raise ValueError(f"block_chips={block_chips!r} must be a positive integer (chips per block side), e.g. 4")
     arrays, has_time = prepare_inputs(ds, modalities)
     target = _check_out(out, overwrite, ds) if out is not None else None
+    if isinstance(device, (list, tuple)) and client is None:
+        raise ValueError(f"device={list(device)!r} lists one device per dask worker; pass client= too, "
+                         "or one device for this process (e.g. device='cuda:1')")
+    # devices and precision of the workers, checked on them before the model is built
+    placement = _place_blocks(client, device, precision) if client is not None else None
     keys = list(arrays)
     times = ds["time"].values if has_time else None
     net = _build_model(model, weights)
@@ -503,7 +648,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     write_to = None
     if target is not None:
         fp = _fingerprint(net, grid, level, keys, has_time, times, block_chips=block_chips,
-                          precision=_precision_used(device, precision),
+                          precision=placement.precision if placement else _precision_used(device, precision),
                           input_digest=_input_digest(ds, arrays, has_time))
         chunks = (blocks[0].out_y.stop - blocks[0].out_y.start, blocks[0].out_x.stop - blocks[0].out_x.start)
 
@@ -552,9 +697,9 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
             model_ref = client.scatter(net.cpu(), broadcast=True)
             model_key = uuid.uuid4().hex
             futures = [client.submit(_block_task, model_key, model_ref, arrays_at(t), grid, level, b,
-                                     block_chips, batch_size, device, precision,
+                                     block_chips, batch_size, placement.devices, placement.precision,
                                      str(write_to) if write_to is not None else None, t if has_time else None,
-                                     keys, pure=False) for t, b in steps]
+                                     keys, resources=placement.resources, pure=False) for t, b in steps]
             from distributed import as_completed
 
             index = {f.key: s for f, s in zip(futures, steps)}
