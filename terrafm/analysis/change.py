@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
-from ._grid import EMBEDDING_DIM, check_embedding, check_same_grid, is_lazy, l2_normalize, lazy_parts, with_georef
+from ._grid import EMBEDDING_DIM, check_embedding, check_same_grid, is_lazy, lazy_parts, with_georef
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +100,11 @@ def _distance_block(a: np.ndarray, b: np.ndarray, valid_a=None, valid_b=None) ->
         both &= np.asarray(valid_a, dtype=bool)
     if valid_b is not None:
         both &= np.asarray(valid_b, dtype=bool)
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    dist = 1.0 - (l2_normalize(np.nan_to_num(a)) * l2_normalize(np.nan_to_num(b))).sum(-1)
-    return np.where(both, dist, np.nan).astype(np.float32)
+    a = np.nan_to_num(np.array(a, dtype=np.float64), copy=False)  # one float64 copy per input, no more
+    b = np.nan_to_num(np.array(b, dtype=np.float64), copy=False)
+    norms = np.sqrt(np.einsum("...d,...d->...", a, a)) * np.sqrt(np.einsum("...d,...d->...", b, b))
+    cosine = np.einsum("...d,...d->...", a, b) / np.where(norms > 0, norms, 1.0)  # a zero vector: cosine 0
+    return np.where(both, 1.0 - cosine, np.nan).astype(np.float32)
 
 
 def cosine_distance(emb_a: xr.DataArray, emb_b: xr.DataArray) -> xr.DataArray:

@@ -52,7 +52,7 @@ def query_vectors(emb: xr.DataArray, query: Any) -> np.ndarray:
     """
     emb = _single_date(check_embedding(emb))
     depth = emb.sizes[EMBEDDING_DIM]
-    if getattr(query, "geom_type", None) == "Point":
+    if isinstance(getattr(query, "geom_type", None), str) and query.geom_type == "Point":  # not a GeoSeries
         query = (float(query.x), float(query.y))
     geometry = _as_geometry(query, emb)
     if geometry is not None:

@@ -76,7 +76,7 @@ def bigearthnet_features():
 
 
 LARGE_SHAPE = (2, 768, 1024, 64)  # (time, y, x, embedding): 403 MB of float32
-LARGE_CHUNKS = (1, 128, 128, 64)   # 4 MiB zarr chunks
+LARGE_CHUNKS = (1, 64, 128, 64)    # 2 MiB zarr chunks
 LARGE_CLASSES = 4                  # land-cover-like patches of 4 cluster centres
 LARGE_CHANGED = (slice(512, 768), slice(640, 1024))  # (rows, cols) that change class between the dates
 LARGE_CLOUD_ROWS = slice(64, 96)   # rows invalid (NaN, valid=False) at time 0
@@ -92,9 +92,9 @@ def large_class_map(rows: np.ndarray, cols: np.ndarray, time: int) -> np.ndarray
     return classes
 
 
-def large_centres() -> np.ndarray:
-    """The (LARGE_CLASSES, D) cluster centres of the ``large_store`` vectors."""
-    return np.random.default_rng(7).normal(scale=2.0, size=(LARGE_CLASSES, LARGE_SHAPE[-1])).astype(np.float32)
+def large_centres(depth: int = LARGE_SHAPE[-1]) -> np.ndarray:
+    """The (LARGE_CLASSES, depth) cluster centres of the ``large_store`` vectors."""
+    return np.random.default_rng(7).normal(scale=2.0, size=(LARGE_CLASSES, depth)).astype(np.float32)
 
 
 def large_embedding(shape=LARGE_SHAPE, chunks=LARGE_CHUNKS) -> xr.DataArray:
@@ -106,7 +106,7 @@ def large_embedding(shape=LARGE_SHAPE, chunks=LARGE_CHUNKS) -> xr.DataArray:
     """
     import dask.array as dask_array
 
-    centres = large_centres()
+    centres = large_centres(shape[-1])
     tile = np.random.default_rng(11).standard_normal((chunks[1] * chunks[2], shape[-1]), np.float32)
 
     def block(block_info=None):
@@ -145,5 +145,6 @@ def write_large_store(path, emb: xr.DataArray | None = None):
     from terrafm.store import EMBEDDING_VAR, embedding_to_dataset
 
     ds = embedding_to_dataset(large_embedding() if emb is None else emb)
-    ds.to_zarr(path, mode="w-", consolidated=False, encoding={EMBEDDING_VAR: {"compressors": None}})
+    ds[EMBEDDING_VAR].encoding["compressors"] = None  # keeps the grid_mapping encoding (CRS on reopen)
+    ds.to_zarr(path, mode="w-", consolidated=False)
     return path
