@@ -9,6 +9,7 @@ identical, no temporary sibling left); each allowed case checks the result again
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,17 +41,58 @@ def dataset():
     return make_dataset(height=96, width=96)
 
 
+class Made:
+    """What the tables make from the module's dataset, computed once per module: embedding stores
+    and ``stac.save`` stores (copied into each test's folder, so every test owns its bytes), the
+    in-memory embedding and the single-date map (deep copies handed out)."""
+
+    def __init__(self, folder: Path, model, dataset):
+        self.folder, self.model, self.ds, self.made = folder, model, dataset, {}
+
+    def _once(self, key, make):
+        if key not in self.made:
+            self.made[key] = make()
+        return self.made[key]
+
+    def store_copy(self, path: Path, **changes) -> Path:
+        def make() -> Path:
+            template = self.folder / f"store{len(self.made)}.zarr"
+            EMBED.embed(self.ds, out=template, **{**KW, "model": self.model, **changes})
+            return template
+
+        shutil.copytree(self._once(("store", tuple(sorted(changes.items()))), make), path)
+        return path
+
+    def bands_copy(self, path: Path) -> Path:
+        template = self._once("bands", lambda: terrafm.stac.save(self.ds, self.folder / "bands.zarr"))
+        shutil.copytree(template, path)
+        return path
+
+    def embedding(self) -> xr.DataArray:
+        return self._once("embedding", lambda: EMBED.embed(self.ds, **KW, model=self.model)).copy(deep=True)
+
+    def map(self) -> xr.DataArray:
+        return self._once("map", lambda: EMBED.embed(self.ds.isel(time=0), **KW, model=self.model)).copy(deep=True)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, model, dataset):
+    return Made(tmp_path_factory.mktemp("made"), model, dataset)
+
+
 class World:
     """Things a user already has on disk, made on demand in ``tmp_path``."""
 
-    def __init__(self, tmp_path: Path, model, dataset, monkeypatch):
-        self.tmp, self.model, self.ds, self.monkeypatch = tmp_path, model, dataset, monkeypatch
+    def __init__(self, tmp_path: Path, model, dataset, monkeypatch, made: Made):
+        self.tmp, self.model, self.ds, self.monkeypatch, self.made = tmp_path, model, dataset, monkeypatch, made
 
     def kw(self, **changes):
         return {**KW, "model": self.model, **changes}
 
     def store(self, name="emb.zarr", **changes) -> Path:
         path = self.tmp / name
+        if self.ds is self.made.ds:
+            return self.made.store_copy(path, **changes)
         EMBED.embed(self.ds, out=path, **self.kw(**changes))
         return path
 
@@ -60,6 +102,8 @@ class World:
         return path
 
     def bands(self, name="bands.zarr") -> Path:
+        if self.ds is self.made.ds:
+            return self.made.bands_copy(self.tmp / name)
         return terrafm.stac.save(self.ds, self.tmp / name)
 
     def folder(self) -> Path:
@@ -74,19 +118,19 @@ class World:
         return path
 
     def map(self):
-        emb = EMBED.embed(self.ds.isel(time=0), **self.kw())
+        emb = self.made.map() if self.ds is self.made.ds else EMBED.embed(self.ds.isel(time=0), **self.kw())
         return emb.isel(embedding=0).rio.write_crs(emb.rio.crs)
 
     def tif(self, name="map.tif") -> Path:
         return to_cog(self.map(), self.tmp / name)
 
     def memory_embedding(self):
-        return EMBED.embed(self.ds, **self.kw())
+        return self.made.embedding() if self.ds is self.made.ds else EMBED.embed(self.ds, **self.kw())
 
 
 @pytest.fixture
-def world(tmp_path, model, dataset, monkeypatch):
-    return World(tmp_path, model, dataset, monkeypatch)
+def world(tmp_path, model, dataset, monkeypatch, made):
+    return World(tmp_path, model, dataset, monkeypatch, made)
 
 
 def _lazy_tif(path: Path) -> xr.DataArray:

@@ -9,6 +9,7 @@ west) exactly. ``change()`` requires grids equal to 1 % of a cell in CRS units.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -35,6 +36,13 @@ def on_grid(crs="EPSG:32618", x0=500000.0, y0=4100000.0, xres=10.0, yres=10.0, h
     ds = ds.assign_coords(x=x0 + xres * (np.arange(width) + 0.5), y=y0 - yres * (np.arange(height) + 0.5))
     ds["x"].attrs, ds["y"].attrs = {}, {}
     return ds.rio.write_crs(crs)
+
+
+@pytest.fixture(scope="module")
+def embedded_on_grid(model):
+    """``run(on_grid(**kw), model)``, computed once per keyword set: the reference several tests
+    compare with (read only)."""
+    return functools.cache(lambda **kw: run(on_grid(**kw), model))
 
 
 def utm_epsg(lon, lat):
@@ -97,8 +105,8 @@ def test_a_pixel_slightly_off_10m_warns_and_embeds(model):
     pytest.param(lambda: on_grid("EPSG:2263", 980000.0, 200000.0, 10 / 0.3048006096, 10 / 0.3048006096),
                  id="feet-32.8-units"),
 ])
-def test_grids_of_10m_on_the_ground_embed_like_utm(make, model, recwarn):
-    emb, reference = run(make(), model), run(on_grid(), model)
+def test_grids_of_10m_on_the_ground_embed_like_utm(make, model, embedded_on_grid, recwarn):
+    emb, reference = run(make(), model), embedded_on_grid()
     assert not [w for w in recwarn if issubclass(w.category, InputWarning)]
     np.testing.assert_array_equal(emb.values, reference.values)          # same pixels, same vectors
 
@@ -106,10 +114,10 @@ def test_grids_of_10m_on_the_ground_embed_like_utm(make, model, recwarn):
 # ------------------------------------------------------------------ orientation: flipped exactly
 @pytest.mark.parametrize("height", [64, 72])
 @pytest.mark.parametrize("flip", [("y",), ("x",), ("y", "x")], ids=["south-up", "east-to-west", "both"])
-def test_flipped_grids_embed_like_north_up(flip, height, model, caplog):
+def test_flipped_grids_embed_like_north_up(flip, height, model, embedded_on_grid, caplog):
     north_up = on_grid(height=height, width=80, times=2)
     flipped = north_up.isel({d: slice(None, None, -1) for d in flip})
-    expected = run(north_up, model)
+    expected = embedded_on_grid(height=height, width=80, times=2)
     with caplog.at_level("WARNING", logger="terrafm.validate"):
         emb = run(flipped, model)
     assert ("south-up" in caplog.text) == ("y" in flip) and ("east to west" in caplog.text) == ("x" in flip)
@@ -120,11 +128,11 @@ def test_flipped_grids_embed_like_north_up(flip, height, model, caplog):
     assert emb.rio.transform(recalc=True) == expected.rio.transform(recalc=True)
 
 
-def test_south_up_with_a_cached_geotransform_and_a_store(model, tmp_path):
+def test_south_up_with_a_cached_geotransform_and_a_store(model, embedded_on_grid, tmp_path):
     north_up = on_grid()
     south_up = north_up.rio.write_transform(north_up.rio.transform()).isel(y=slice(None, None, -1))
     emb = run(south_up, model, out=tmp_path / "s.zarr")
-    expected = run(north_up, model)
+    expected = embedded_on_grid()
     np.testing.assert_array_equal(emb.values, expected.values)
     assert emb.y.values[0] > emb.y.values[-1]
 
