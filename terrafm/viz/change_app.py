@@ -1,4 +1,5 @@
-"""Change between two dates: pick the dates and a threshold; the change layers and histogram follow."""
+"""Change between two dates, and over a whole series: the change layers, histogram, a time slider and,
+on a click, the distance-over-time plot of the position with its first persistent change marked."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ class ChangeExplorer(MapApp):
     threshold, red). A bqplot histogram of the distances shows the threshold as a vertical line.
     A click on the map reports that position's distance and whether it changed.
 
+    With three dates or more the app also follows the whole series
+    (:mod:`terrafm.analysis.series`): a time slider over every date shows each date's distance to
+    the baseline (layer ``distance to baseline``), the layer ``first persistent change`` colours
+    where a change lasted ``min_steps`` valid dates, and a click draws that position's distance
+    over time (bqplot) with the threshold and the date of its first persistent change marked.
+
     Parameters
     ----------
     emb : xr.DataArray
@@ -30,6 +37,10 @@ class ChangeExplorer(MapApp):
         Initial threshold; "otsu" picks it from the histogram (:func:`terrafm.analysis.change`).
     bins : int
         Histogram bins.
+    baseline : int, slice or sequence of int
+        Series mode: the baseline dates (:func:`terrafm.analysis.series.baseline_distance`).
+    min_steps : int
+        Series mode: valid dates in a row a change must last.
 
     Attributes
     ----------
@@ -37,18 +48,33 @@ class ChangeExplorer(MapApp):
         ``distance`` and ``changed`` of the current pair (``attrs["threshold"]``).
     histogram : (counts, edges)
         Of the valid distances.
+    series : xr.Dataset or None
+        Series mode: :func:`terrafm.analysis.series.first_persistent_change` of ``emb``
+        (``distance`` to the baseline, ``first_change``, ``first_change_index``).
+    step : int or None
+        The date the time slider shows.
+    trajectory : pandas.DataFrame or None
+        The clicked position's ``baseline_distance`` per date (and ``above``); ``change_date`` is
+        its first persistent change (NaT if none).
 
     Examples
     --------
     >>> app = ChangeExplorer(emb)                  # doctest: +SKIP
     >>> app.set_dates(0, 3); app.set_threshold(0.2)  # what the widgets do  # doctest: +SKIP
     >>> float(app.result["changed"].mean())        # doctest: +SKIP
+    >>> app.set_step(5); app.click(11.57, 48.12)   # series: slider, then the trajectory plot  # doctest: +SKIP
+    >>> app.trajectory, app.change_date            # doctest: +SKIP
     """
 
     def __init__(self, emb: Any, date_a: int = 0, date_b: int = -1, threshold: float | str = "otsu",
-                 bins: int = 40, map: Any = None, **kwargs: Any) -> None:
+                 bins: int = 40, map: Any = None, baseline: Any = 1, min_steps: int = 2, **kwargs: Any) -> None:
         self.result = None
         self.histogram = None
+        self.series = None
+        self.step: int | None = None
+        self.trajectory = None
+        self.change_date = None
+        self._series_options = (baseline, min_steps)
         self.bins = int(bins)
         self.threshold: float | None = None
         self._initial = (date_a, date_b, threshold)
@@ -71,6 +97,19 @@ class ChangeExplorer(MapApp):
         a, b, threshold = self._initial
         n = len(self.dates)
         self.set_dates(a % n, b % n, threshold=threshold)
+        if n >= 3:
+            self._setup_series()
+
+    def _setup_series(self) -> None:
+        from ..analysis.series import first_persistent_change
+
+        baseline, min_steps = self._series_options
+        self.series = first_persistent_change(self.emb, baseline=baseline, min_steps=min_steps).load()
+        first = self.series["first_change_index"].where(self.series["first_change_index"] >= 0)
+        add_embedding_layer(self.map, first.astype(np.float32).rename("first persistent change"),
+                            "first persistent change", kind="continuous", cmap="plasma", vmin=0.0,
+                            vmax=float(len(self.dates) - 1), opacity=0.8)
+        self.set_step(len(self.dates) - 1)
 
     def _controls(self) -> list:
         import bqplot
@@ -106,7 +145,53 @@ class ChangeExplorer(MapApp):
             fig_margin={"top": 10, "bottom": 40, "left": 50, "right": 10},
         )
         pickers = ipywidgets.VBox([self.date_a_picker, self.date_b_picker, self.threshold_slider, self.otsu_button])
-        return [ipywidgets.HBox([pickers, self.hist_figure])]
+        controls = [ipywidgets.HBox([pickers, self.hist_figure])]
+        if self.series is not None:
+            controls.append(self._series_controls())
+        return controls
+
+    def _series_controls(self):
+        import bqplot
+        import ipywidgets
+
+        self.time_slider = ipywidgets.SelectionSlider(
+            options=list(zip(self.dates, range(len(self.dates)))), value=self.step, description="date",
+            continuous_update=False, layout=ipywidgets.Layout(width="520px"))
+        self.time_slider.observe(lambda change: self.set_step(change["new"]), names="value")
+        x_scale, y_scale = bqplot.DateScale(), bqplot.LinearScale(min=0.0)
+        times = self.emb["time"].values.astype("datetime64[ms]")
+        threshold = float(self.series.attrs["threshold"])
+        self.trajectory_line = bqplot.Lines(x=times, y=np.zeros(len(times)), scales={"x": x_scale, "y": y_scale},
+                                            marker="circle", colors=["#1f77b4"])
+        self.trajectory_threshold = bqplot.Lines(x=times[[0, -1]], y=[threshold, threshold],
+                                                 scales={"x": x_scale, "y": y_scale}, colors=["#888888"],
+                                                 line_style="dashed")
+        self.trajectory_change = bqplot.Lines(x=times[[0, 0]], y=[0.0, 0.0], scales={"x": x_scale, "y": y_scale},
+                                              colors=["#d62728"], stroke_width=3, visible=False)
+        self.trajectory_figure = bqplot.Figure(
+            marks=[self.trajectory_line, self.trajectory_threshold, self.trajectory_change],
+            axes=[bqplot.Axis(scale=x_scale, label="date"),
+                  bqplot.Axis(scale=y_scale, orientation="vertical", label="distance to baseline")],
+            title="click the map for a position's distance over time",
+            layout=ipywidgets.Layout(width="620px", height="240px"),
+            fig_margin={"top": 40, "bottom": 40, "left": 50, "right": 10},
+        )
+        return ipywidgets.VBox([self.time_slider, self.trajectory_figure])
+
+    @guarded
+    def set_step(self, step: int) -> None:
+        """Series mode: show date ``step``'s distance to the baseline (what the time slider does)."""
+        if self.series is None:
+            raise ValueError("the time slider needs a series of at least three dates")
+        step = int(step) % len(self.dates)
+        distance = self.series["distance"].isel(time=step)
+        finite = distance.values[np.isfinite(distance.values)]
+        top = float(np.percentile(finite, 99)) if finite.size else 1.0
+        add_embedding_layer(self.map, distance.rename("distance to baseline"), "distance to baseline",
+                            kind="continuous", cmap="magma", vmin=0.0, vmax=top or 1.0, opacity=0.7)
+        self.step = step
+        if hasattr(self, "time_slider") and self.time_slider.value != step:
+            self.time_slider.value = step
 
     def _on_pickers(self, _change: dict) -> None:
         if not self._syncing:
@@ -161,7 +246,31 @@ class ChangeExplorer(MapApp):
                              "(cloud or no data); click a coloured cell")
         verdict = "changed" if value > self.threshold else "unchanged"
         self.clicked = (row, col)
-        self.show_info(f"({lon:.5f}, {lat:.5f}): distance {value:.3f}, {verdict} at threshold {self.threshold:.3f}.")
+        text = f"({lon:.5f}, {lat:.5f}): distance {value:.3f}, {verdict} at threshold {self.threshold:.3f}."
+        if self.series is not None:
+            text += " " + self._show_trajectory(row, col)
+        self.show_info(text)
+
+    def _show_trajectory(self, row: int, col: int) -> str:
+        import pandas as pd
+
+        distance = self.series["distance"].values[:, row, col]
+        threshold = float(self.series.attrs["threshold"])
+        self.trajectory = pd.DataFrame({"baseline_distance": distance, "above": distance > threshold},
+                                       index=pd.DatetimeIndex(self.emb["time"].values, name="time"))
+        self.change_date = self.series["first_change"].values[row, col]
+        if hasattr(self, "trajectory_line"):
+            top = float(np.nanmax(distance)) if np.isfinite(distance).any() else threshold
+            self.trajectory_line.y = np.where(np.isfinite(distance), distance, np.nan)
+            self.trajectory_change.visible = not np.isnat(self.change_date)
+            if not np.isnat(self.change_date):
+                when = self.change_date.astype("datetime64[ms]")
+                self.trajectory_change.x = [when, when]
+                self.trajectory_change.y = [0.0, max(top, threshold) * 1.05]
+            self.trajectory_figure.title = f"distance to baseline at row {row}, col {col}"
+        if np.isnat(self.change_date):
+            return f"No persistent change over the series (threshold {threshold:.3f})."
+        return f"First persistent change: {str(self.change_date)[:10]}."
 
     @guarded
     def set_threshold(self, threshold: float | str) -> None:
