@@ -14,10 +14,11 @@ from .export import to_cog, to_geoparquet, to_zarr
 from .index import VectorIndex
 from .labels import labels_to_grid
 from .rgb import RGBReducer, fit_rgb, to_rgb
+from .series import baseline_distance, first_persistent_change, step_distance, trajectory
 from .similarity import similarity, top_k
 
 __all__ = [
-    "Classifier", "RGBReducer", "VectorIndex", "change", "cluster", "cosine_distance", "fit_classifier", "fit_rgb",
-    "labels_to_grid", "otsu_threshold", "similarity", "summarize_change", "to_cog", "to_geoparquet",
-    "to_rgb", "to_zarr", "top_k",
+    "Classifier", "RGBReducer", "VectorIndex", "baseline_distance", "change", "cluster", "cosine_distance", "fit_classifier", "fit_rgb", "first_persistent_change",
+    "labels_to_grid", "otsu_threshold", "similarity", "step_distance", "summarize_change", "to_cog", "to_geoparquet",
+    "to_rgb", "to_zarr", "top_k", "trajectory",
 ]
