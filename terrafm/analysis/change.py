@@ -108,7 +108,18 @@ def _distance_block(a: np.ndarray, b: np.ndarray, valid_a=None, valid_b=None) ->
 
 
 def cosine_distance(emb_a: xr.DataArray, emb_b: xr.DataArray) -> xr.DataArray:
-    """Per-position ``1 - cos(a, b)`` in [0, 2]; NaN where either date is invalid; ``spatial_ref`` kept."""
+    """Per-position ``1 - cos(a, b)`` in [0, 2]; NaN where either date is invalid; ``spatial_ref`` kept.
+
+    Lazy (computed chunk by chunk) when either input is dask-backed (``terrafm.open_embedding``).
+
+    Examples
+    --------
+    >>> import rioxarray  # noqa: F401
+    >>> a = xr.DataArray([[[1.0, 0.0], [1.0, 1.0]]], dims=("y", "x", "embedding")).rio.write_crs(32633)
+    >>> b = xr.DataArray([[[0.0, 2.0], [3.0, 3.0]]], dims=("y", "x", "embedding")).rio.write_crs(32633)
+    >>> cosine_distance(a, b.chunk()).values.round(6).tolist()   # orthogonal, then the same direction
+    [[1.0, 0.0]]
+    """
     check_embedding(emb_a, "emb_a")
     check_embedding(emb_b, "emb_b")
     check_same_grid(emb_a, emb_b)

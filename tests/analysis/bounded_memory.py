@@ -44,7 +44,7 @@ CHUNK_SIZE = "2MiB"
 _MARKER = "@@bounded-run@@"
 
 _PRELUDE = """
-import json, os, resource, sys, traceback
+import json, os, resource, sys, time, traceback
 import numpy as np
 import xarray as xr
 import dask
@@ -87,6 +87,7 @@ for name, code in {steps!r}.items():
         refs.write("5")
     report = {{"baseline_rss_mb": _status_kb("VmRSS") / 1024, "error": None, "memory_error": False, "result": None}}
     namespace.pop("result", None)
+    started = time.perf_counter()
     try:
         exec(compile(code, "<bounded step " + name + ">", "exec"), namespace)
         report["result"] = namespace.get("result")
@@ -97,6 +98,7 @@ for name, code in {steps!r}.items():
         report["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         report["memory_error"] = "memory" in report["error"].lower() or "allocate" in report["error"].lower()
     report["peak_rss_mb"] = _status_kb("VmHWM") / 1024
+    report["seconds"] = time.perf_counter() - started
     sys.stdout.write({marker!r} + json.dumps([name, report], default=float) + "\\n")
     sys.stdout.flush()
 os._exit(0)
@@ -114,19 +116,21 @@ class BoundedRun:
     peak_rss_mb: float
     baseline_rss_mb: float
     stderr: str
+    seconds: float = float("nan")
 
 
-def run_bounded(code: str, budget_mb: int = BUDGET_MB, timeout: float = 180.0,
+def run_bounded(code: str, budget_mb: int = BUDGET_MB, timeout: float = 900.0,
                 chunk_size: str = CHUNK_SIZE) -> BoundedRun:
     """Run ``code`` in a child limited to ``budget_mb`` MB above its idle baseline.
 
     Returns a :class:`BoundedRun`: ``ok`` when the snippet finished, ``memory_error`` when an
-    allocation hit the cap, ``peak_rss_mb`` (whole process, baseline included).
+    allocation hit the cap, ``peak_rss_mb`` (whole process, baseline included), ``seconds``.
+    ``timeout`` is generous: a busy shared machine runs the child 5-10x slower than an idle one.
     """
     return run_bounded_steps({"code": code}, budget_mb, timeout, chunk_size)["code"]
 
 
-def run_bounded_steps(steps: dict[str, str], budget_mb: int = BUDGET_MB, timeout: float = 300.0,
+def run_bounded_steps(steps: dict[str, str], budget_mb: int = BUDGET_MB, timeout: float = 900.0,
                       chunk_size: str = CHUNK_SIZE) -> dict[str, BoundedRun]:
     """Run several snippets one after the other in ONE capped child (one import: ~5-15 s saved per step).
 
@@ -145,7 +149,7 @@ def run_bounded_steps(steps: dict[str, str], budget_mb: int = BUDGET_MB, timeout
             name, report = json.loads(line[len(_MARKER):])
             runs[name] = BoundedRun(report["error"] is None, report["result"], report["error"],
                                     report["memory_error"], report["peak_rss_mb"], report["baseline_rss_mb"],
-                                    proc.stderr)
+                                    proc.stderr, report["seconds"])
     crashed = "memory" in proc.stderr.lower() or "alloc" in proc.stderr.lower()
     for name in steps:  # killed or crashed before reporting (e.g. abort on a failed allocation in C)
         runs.setdefault(name, BoundedRun(False, None, f"child exited with {proc.returncode}: {proc.stderr[-2000:]}",
