@@ -10,8 +10,8 @@ import numpy as np
 import xarray as xr
 
 from ._checks import require_int, require_positive
-from ._grid import EMBEDDING_DIM, check_embedding
-from .cluster import gather_vectors, map_valid_vectors, require_some_valid, valid_flags
+from ._grid import EMBEDDING_DIM, check_embedding, map_valid_blocks
+from .cluster import gather_vectors, require_some_valid, valid_flags
 from .labels import labels_to_grid
 
 logger = logging.getLogger(__name__)
@@ -78,9 +78,9 @@ class Classifier:
 
         def scores(vectors: np.ndarray) -> np.ndarray:
             proba = self.predict_proba(vectors)
-            return np.concatenate([proba.argmax(1)[:, None], proba.max(1)[:, None], proba], axis=1)
+            return np.concatenate([proba.argmax(1)[:, None], proba.max(1)[:, None], proba], axis=1).astype(np.float32)
 
-        stacked = map_valid_vectors(emb, scores, "scores", band=("score", ["class", "probability", *names]))
+        stacked = map_valid_blocks(emb, scores, "scores", band=("score", ["class", "probability", *names]))
         ds = xr.Dataset(
             {
                 "class": stacked.isel(score=0, drop=True).rename("class"),

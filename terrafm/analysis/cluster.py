@@ -1,24 +1,16 @@
 """Unsupervised clustering of embeddings into a georeferenced class map.
 
-Also the per-position machinery the fitted models share (:func:`cluster` and
-:meth:`~terrafm.analysis.Classifier.predict`): gather vectors at chosen positions, and apply a
-fitted model to every valid position block by block, lazily for dask-backed embeddings.
+Also what the fitted models (:func:`cluster`, :func:`fit_classifier`, the writers) share beyond
+``_grid``: the ``valid`` coord read on its own, and vectors gathered at chosen positions.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import numpy as np
 import xarray as xr
 
 from ._checks import require_int
-from ._grid import EMBEDDING_DIM, check_embedding, l2_normalize, with_georef
-
-
-def is_lazy(da: xr.DataArray) -> bool:
-    """True when ``da`` is dask-backed (e.g. :func:`terrafm.open_embedding`): work goes chunk by chunk."""
-    return da.chunks is not None
+from ._grid import EMBEDDING_DIM, check_embedding, is_lazy, l2_normalize, map_valid_blocks, sample_valid_vectors
 
 
 def _grid_dims(emb: xr.DataArray) -> tuple[xr.DataArray, tuple[str, ...]]:
@@ -74,92 +66,16 @@ def gather_vectors(emb: xr.DataArray, index: tuple[np.ndarray, ...]) -> np.ndarr
     return np.asarray(picked.transpose("points", EMBEDDING_DIM).values)
 
 
-def sample_valid_vectors(emb: xr.DataArray, sample: int | None, seed: int) -> np.ndarray:
-    """Float32 vectors of up to ``sample`` valid positions (all of them when fewer), in grid C order.
-
-    The positions are drawn with ``seed`` among those the ``valid`` coord marks (all positions
-    without one), then non-finite vectors are dropped. The draw depends on the grid only, never on
-    chunking, so a dask-backed store and the same array in memory give the same sample.
-    """
-    emb_t, dims = _grid_dims(emb)
-    shape = emb_t.shape[:-1]
-    flags = valid_flags(emb_t)
-    positions = np.flatnonzero(flags) if flags is not None else np.arange(int(np.prod(shape)))
-    if sample is not None and len(positions) > sample:
-        positions = np.sort(np.random.default_rng(seed).choice(positions, sample, replace=False))
-    vectors = gather_vectors(emb_t, np.unravel_index(positions, shape))
-    return vectors[np.isfinite(vectors).all(1)].astype(np.float32, copy=False)
-
-
-def map_valid_vectors(emb: xr.DataArray, fn: Callable[[np.ndarray], np.ndarray], name: str,
-                      band: tuple[str, list] | None = None, attrs: dict | None = None) -> xr.DataArray:
-    """``fn`` applied to the valid vectors of every chunk: a (time?, y, x[, band]) float32 map, NaN elsewhere.
-
-    ``fn`` takes (n, D) float32 vectors and returns (n,) values, or (n, len(band labels)) with
-    ``band=(dim, labels)``. Valid means the ``valid`` coord (when present) and all-finite. A
-    dask-backed ``emb`` gives a lazy result (``dask.array.map_blocks``, one task per chunk;
-    ``embedding`` in one chunk); an in-memory one is one block. Each position's value depends on
-    its own vector only, so both agree whatever the chunking. CRS and transform are kept.
-
-    Examples
-    --------
-    >>> import rioxarray  # noqa: F401
-    >>> emb = xr.DataArray(np.ones((2, 2, 3)), dims=("y", "x", "embedding"),
-    ...                    coords={"y": [160.0, 0.0], "x": [0.0, 160.0]}).rio.write_crs("EPSG:32633")
-    >>> map_valid_vectors(emb, lambda v: v.sum(1), "total").values
-    array([[3., 3.],
-           [3., 3.]], dtype=float32)
-    """
-    emb_t, dims = _grid_dims(emb)
-    n_out = None if band is None else len(band[1])
-
-    def block(vectors: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        ok = valid[..., 0] & np.isfinite(vectors).all(-1)
-        out = np.full(vectors.shape[:-1] + (() if n_out is None else (n_out,)), np.nan, dtype=np.float32)
-        if ok.any():
-            out[ok] = fn(vectors[ok].astype(np.float32, copy=False))
-        return out
-
-    flags = valid_flags(emb_t)
-    if is_lazy(emb_t):
-        import dask.array as dsa
-
-        data = emb_t.data.rechunk({emb_t.ndim - 1: -1})
-        if "valid" in emb_t.coords:
-            template = xr.DataArray(np.empty(emb_t.shape[:-1], dtype=bool), dims=dims)
-            valid = emb_t.coords["valid"].astype(bool).broadcast_like(template).transpose(*dims).data
-            valid = dsa.asarray(valid).rechunk(data.chunks[:-1])
-        else:
-            valid = dsa.ones(data.shape[:-1], dtype=bool, chunks=data.chunks[:-1])
-        valid = valid[..., None]
-        if n_out is None:
-            values = dsa.map_blocks(block, data, valid, drop_axis=data.ndim - 1, dtype=np.float32,
-                                    meta=np.empty((0,) * (data.ndim - 1), np.float32))
-        else:
-            values = dsa.map_blocks(block, data, valid, chunks=data.chunks[:-1] + ((n_out,),), dtype=np.float32,
-                                    meta=np.empty((0,) * data.ndim, np.float32))
-    else:
-        data = np.asarray(emb_t.values)
-        valid = np.ones(data.shape[:-1], dtype=bool) if flags is None else flags
-        values = block(data, valid[..., None])
-    keep = {k: v for k, v in emb_t.coords.items() if set(v.dims) <= set(dims) and k != "valid"}
-    out_dims = list(dims)
-    if band is not None:
-        out_dims.append(band[0])
-        keep[band[0]] = list(band[1])
-    result = xr.DataArray(values, dims=out_dims, coords=keep, name=name, attrs=dict(attrs or {}))
-    return with_georef(result, emb_t)
-
-
 def cluster(emb: xr.DataArray, k: int = 8, seed: int = 0, batch_size: int = 4096,
             normalize: bool = True, sample: int | None = 100_000) -> xr.DataArray:
     """MiniBatchKMeans clusters of the valid vectors, fitted on a sample, assigned chunk by chunk.
 
     The model is fitted on up to ``sample`` valid vectors drawn with ``seed`` (all of them when
-    there are fewer), then every valid position gets its nearest centre. A dask-backed ``emb``
-    (:func:`terrafm.open_embedding`) gives a lazy map computed per chunk, so memory is bounded by
-    the sample and the chunks, not the area; it equals the in-memory result for the same data (the
-    sample depends on the grid and ``seed`` only, never on the chunking).
+    there are fewer; ``_grid.sample_valid_vectors``), then every valid position gets its nearest
+    centre. A dask-backed ``emb`` (:func:`terrafm.open_embedding`) is read once for the valid mask
+    and the sample, and gives a lazy map computed per chunk, so memory is bounded by the sample and
+    the chunks, not the area; it equals the in-memory result for the same data (the sample depends
+    on the valid positions and ``seed`` only, never on the chunking).
 
     Parameters
     ----------
@@ -199,9 +115,9 @@ def cluster(emb: xr.DataArray, k: int = 8, seed: int = 0, batch_size: int = 4096
                              "(at least k), or None for all")
     check_embedding(emb)
     require_some_valid(emb)
-    vectors = sample_valid_vectors(emb, sample, seed)
-    if len(vectors) < k:
-        raise ValueError(f"only {len(vectors)} valid positions for k={k} clusters; lower k or use a larger area")
+    vectors, n_valid = sample_valid_vectors(emb, sample, seed)
+    if n_valid < k:
+        raise ValueError(f"only {n_valid} valid positions for k={k} clusters; lower k or use a larger area")
     if normalize:
         vectors = l2_normalize(vectors)
     model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=3).fit(vectors)
@@ -209,6 +125,6 @@ def cluster(emb: xr.DataArray, k: int = 8, seed: int = 0, batch_size: int = 4096
     del vectors
 
     def assign(block: np.ndarray) -> np.ndarray:
-        return model.predict(l2_normalize(block) if normalize else block)
+        return model.predict(l2_normalize(block) if normalize else block).astype(np.float32)
 
-    return map_valid_vectors(emb, assign, "cluster", attrs={"k": k, "inertia": inertia, "n_fit": n_fit})
+    return map_valid_blocks(emb, assign, "cluster", attrs={"k": k, "inertia": inertia, "n_fit": n_fit})
