@@ -88,14 +88,17 @@ NOTEBOOKS = {
                  "link"),
     ],
     "03_change_detection.ipynb": [
-        ("md", "# 03 · Change between two seasons\n\n"
+        ("md", "# 03 · Change between two seasons, and over a series\n\n"
                "Embed the least cloudy date of each season on the same grid; the cosine distance between "
                "the two embeddings of a place measures how much it changed. Pick the dates and the "
                "threshold with the widgets (Otsu's threshold to start).\n\n" + MODE_NOTE),
         ("settings", settings(
             CATALOG, MODEL, AREA,
             "BEFORE = \"2023-06-01/2023-06-30\"  # first season (STAC datetime range)\n"
-            "AFTER = \"2023-09-01/2023-09-30\"  # second season\n", TOOLBAR)),
+            "AFTER = \"2023-09-01/2023-09-30\"  # second season\n"
+            "SERIES = \"2023-04-01/2023-10-31\"  # every clear Sentinel-2 date in this range, as one series\n"
+            "SERIES_STORE = \"change_series.zarr\"  # the series' embedding store (rerunning resumes it)\n",
+            TOOLBAR)),
         ("code", IMPORTS),
         ("md", "Both seasons are loaded in one call, so every date lies on the same grid. From each "
                "season we keep its least cloudy date, and we embed only the modalities seen on both "
@@ -118,6 +121,26 @@ NOTEBOOKS = {
                  "print(f\"Otsu threshold {result.attrs['threshold']:.3f}; \"\n"
                  "      f\"{100 * float(result.changed.mean()):.1f}% of valid positions changed\")"),
         ("code", "app = viz.ChangeExplorer(emb, toolbar=TOOLBAR)\napp"),
+        ("md", "## A season, date by date\n\n"
+               "Two dates say *whether* a place changed; a series says *when*, and whether it lasted. Every "
+               "clear Sentinel-2 date of `SERIES` is embedded into one `(time, y, x, embedding)` store "
+               "(rerunning the cell resumes it). `first_persistent_change` compares each date with the "
+               "baseline (the first date) and keeps, per position, the first date from which the distance "
+               "stays above Otsu's threshold for two valid dates in a row: a cloud or a one-date blip is "
+               "not a change.\n\n"
+               "Drag the **date** slider to see each date's distance to the baseline; **click the map** to "
+               "plot that position's distance over time, with the threshold dashed and its change date in "
+               "red."),
+        ("code", "series_items = terrafm.stac.search(BBOX, SERIES, collections=(\"sentinel-2-l2a\",), url=CATALOG_URL,\n"
+                 "                                   max_cloud=60)\n"
+                 "series_ds = terrafm.stac.load(series_items, BBOX)\n"
+                 "clear = series_ds.mask_s2_l2a.mean((\"y\", \"x\")).compute()\n"
+                 "series_ds = series_ds.sel(time=clear.time[clear > 0.5])  # dates at least half clear\n"
+                 "series = terrafm.embed(series_ds, model=MODEL, weights=WEIGHTS, modalities=[\"s2_l2a\"], out=SERIES_STORE)\n"
+                 "first = terrafm.analysis.first_persistent_change(series, baseline=1, min_steps=2)\n"
+                 "print(f\"{series.sizes['time']} dates; threshold {first.attrs['threshold']:.3f}; \"\n"
+                 "      f\"{100 * float((first.first_change_index >= 0).mean()):.1f}% of positions changed persistently\")"),
+        ("code", "series_app = viz.ChangeExplorer(series, baseline=1, min_steps=2, toolbar=TOOLBAR)\nseries_app"),
     ],
     "04_similarity_search.ipynb": [
         ("md", "# 04 · Similarity search\n\n"

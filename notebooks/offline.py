@@ -169,6 +169,8 @@ class OfflineStack:
             "DATES": (window(first), "the first test date"),
             "BEFORE": (window(first), "the first test date"),
             "AFTER": (window(last), "the last test date"),
+            "SERIES": (f"{(first - dt.timedelta(days=1)).date()}/{(last + dt.timedelta(days=1)).date()}",
+                       "every test date"),
             "TOOLBAR": (False, "leafmap's toolbar needs ipyevents from a CDN"),
             "MODALITIES": (["s2_l2a", "s1"], "the set below has both"),
             "EPOCHS": (5, "5 x 3 iterations, seconds"),

@@ -40,7 +40,12 @@ _report(error=link.error, n_points=len(link.coords), n_valid=int(emb.valid.sum()
 import numpy as _np
 _report(error=app.error, times=[str(t) for t in emb.time.values], threshold=app.threshold, both=both,
         otsu=result.attrs["threshold"], changed_layer=viz.get_layer(app.map, "changed") is not None,
-        hist_total=int(app.histogram[0].sum()), n_both=int(_np.isfinite(result.distance.values).sum()))
+        hist_total=int(app.histogram[0].sum()), n_both=int(_np.isfinite(result.distance.values).sum()),
+        series_times=[str(t) for t in series.time.values], series_error=series_app.error,
+        slider_dates=len(series_app.time_slider.options), series_dims=list(series.dims),
+        series_first=_np.asarray(series_app.series.first_change_index.values).tolist(),
+        notebook_first=_np.asarray(first.first_change_index.values).tolist(),
+        n_changed=int((first.first_change_index >= 0).sum()), store=str(SERIES_STORE))
 """,
     "04_similarity_search.ipynb": """
 import numpy as _np
@@ -350,6 +355,13 @@ def test_change_detection(offline_stack):
     assert r["both"] == ["s2_l2a"]
     assert r["threshold"] == pytest.approx(r["otsu"])
     assert r["hist_total"] == r["n_both"] > 0
+    # the series: every test date at least half clear, one store, the app's change map equal to the notebook's
+    assert r["series_error"] is None and r["series_dims"] == ["time", "y", "x", "embedding"]
+    assert len(r["series_times"]) == r["slider_dates"] >= 3
+    assert r["series_first"] == r["notebook_first"]
+    # every test date is the same real L1C scene (per-date gain, clouds): nothing changed on the ground, and
+    # no position passes as a persistent change (a one-date departure, e.g. the winter date, is not one)
+    assert r["n_changed"] == 0, r["series_times"]
 
 
 def test_similarity_search(offline_stack):
