@@ -206,10 +206,11 @@ def _precision_used(device: Any, precision: str) -> str:
 
 
 def _fingerprint(model, grid, level, keys, has_time, times, *, block_chips: int, precision: str,
-                 input_digest: str) -> dict:
-    """Everything that changes a store's values or layout (a resume must match every field)."""
+                 input_digest: str, compiled: bool = False) -> dict:
+    """Everything that changes a store's values or layout (a resume must match every field).
+    ``compile`` is recorded only when on: compiled kernels may round differently."""
     gbox = grid.geobox
-    return {
+    return {**({"compile": True} if compiled else {}),  # see _RECORDED_WHEN_ON
         "model": getattr(getattr(model, "config", None), "name", type(model).__name__),
         "weights": _weights_digest(model),
         "fusion": getattr(model, "fusion_mode", None),
@@ -234,6 +235,7 @@ _HOW_TO_MATCH = {
     "overlap": "overlap={old}",
     "block_chips": "block_chips={old} (the store's blocks; batch_size lowers memory too)",
     "precision": "precision={old}",
+    "compile": "compile={old}",
     "modalities": "modalities={old}",
     "input": "the same input data (the same STAC items or Dataset values)",
     "crs": "the same area (the store's grid)",
@@ -251,7 +253,12 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+_RECORDED_WHEN_ON = {"compile": False}
+"""Fingerprint fields a store records only when they differ from this value (older stores resume)."""
+
+
 def _mismatch_error(out: Path, old: dict, new: dict) -> ValueError:
+    old, new = {**_RECORDED_WHEN_ON, **old}, {**_RECORDED_WHEN_ON, **new}
     fields = [k for k in new if old.get(k) != new.get(k)]
     details = "; ".join(
         f"{k}: the store has {_shown(old[k])}, this run {_shown(new[k])}" if k in old
@@ -537,7 +544,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
           batch_size: int = 16, device: Any = "auto", modalities: Sequence[str] | None = None,
           out: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
           precision: str = "auto", block_chips: int = 4, client: Any = None,
-          overwrite: bool = False) -> xr.DataArray:
+          overwrite: bool = False, compile: bool = False) -> xr.DataArray:
     """Embed a Sentinel-1/2 Dataset with TerraFM into a georeferenced DataArray.
 
     Parameters
@@ -553,9 +560,12 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         ``"chip"``: one CLS vector per ``chip_size`` chip on the chip grid.
     chip_size : int
         Chip side in pixels, a multiple of 16.
-    overlap : int, optional
-        Pixels of each chip's border discarded before stitching (multiple of 16; default a
-        quarter of the chip). Ignored for ``level="chip"`` (chips tile without overlap).
+    overlap : int, "fast" or None
+        Pixels of each chip's border discarded before stitching (a multiple of 16). None:
+        :func:`terrafm.tiling.default_margin`, 16 px (one patch) for chips of 64 px and more;
+        ``"fast"``: 0, no overlap (on 224 px chips 1.36x fewer chips than the default, seams
+        more visible). The trade-off is measured in benchmarks/README.md. Ignored for
+        ``level="chip"`` (chips tile without overlap).
     batch_size, device, precision
         Chips per forward pass; ``"auto"``/``"cpu"``/``"cuda"``; autocast choice.
     modalities : list of str, optional
@@ -578,6 +588,10 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         Chips per block side (unit of reading, writing and resuming; part of a store's layout).
     client : distributed.Client, optional
         Run blocks on a dask cluster, one model per worker (see the module docstring).
+    compile : bool
+        ``torch.compile`` the model once for this call (this process; not with ``client=``). Pays
+        on GPUs for large areas; on a CPU it costs more than it saves (benchmarks/README.md).
+        Compiled kernels may round differently, so a store records it.
 
     Returns
     -------
@@ -595,7 +609,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
 
     from . import __version__
     from .engine import Engine, plan_blocks
-    from .tiling import ChipGrid, default_margin
+    from .tiling import ChipGrid, resolve_margin
 
     if isinstance(ds, xr.DataArray):
         ds = ds.to_dataset(name=ds.name or "data") if ds.name in sensors.MODALITIES else ds.to_dataset(dim="band")
@@ -609,7 +623,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     if level == "chip":
         margin = 0
     else:
-        margin = default_margin(chip_size) if overlap is None else int(overlap)
+        margin = resolve_margin(chip_size, overlap)
     grid = ChipGrid(gbox, int(chip_size), margin)
     if gbox.shape[0] < chip_size or gbox.shape[1] < chip_size:
         raise ValueError(f"the area is {gbox.shape[0]}x{gbox.shape[1]} px, smaller than one "
@@ -618,6 +632,9 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     if isinstance(block_chips, bool) or not isinstance(block_chips, (int, np.integer)) or block_chips < 1:
         raise ValueError(f"block_chips={block_chips!r} must be a positive integer (chips per block side), e.g. 4")
     arrays, has_time = prepare_inputs(ds, modalities)
+    if compile and client is not None:
+        raise ValueError("compile=True compiles the model in this process; it is not available with client= "
+                         "(the workers run the model as it is): drop compile or client")
     target = _check_out(out, overwrite, ds) if out is not None else None
     if isinstance(device, (list, tuple)) and client is None:
         raise ValueError(f"device={list(device)!r} lists one device per dask worker; pass client= too, "
@@ -649,7 +666,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     if target is not None:
         fp = _fingerprint(net, grid, level, keys, has_time, times, block_chips=block_chips,
                           precision=placement.precision if placement else _precision_used(device, precision),
-                          input_digest=_input_digest(ds, arrays, has_time))
+                          input_digest=_input_digest(ds, arrays, has_time), compiled=bool(compile))
         chunks = (blocks[0].out_y.stop - blocks[0].out_y.start, blocks[0].out_x.stop - blocks[0].out_x.start)
 
         def template() -> xr.Dataset:
@@ -710,7 +727,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
                     collect(t, res)
                 bar.update(b.n_chips)
         else:
-            engine = Engine(net, device=device, batch_size=batch_size, precision=precision)
+            engine = Engine(net, device=device, batch_size=batch_size, precision=precision, compile=compile)
             for t in range(n_t):
                 todo = [b for tt, b in steps if tt == t]
                 if todo:
