@@ -165,6 +165,36 @@ def _unreadable(emb: xr.DataArray) -> xr.DataArray:
     return emb.copy(data=dask_array.map_blocks(fail, emb.chunk({"y": 5}).data, dtype=emb.dtype))
 
 
+def _readable_only(emb: xr.DataArray, rows: slice, cols: slice) -> xr.DataArray:
+    """``emb`` in (5, 4) blocks of which only those meeting ``rows`` x ``cols`` can be read."""
+    values = emb.transpose("y", "x", "embedding").values
+
+    def read(block_info=None):
+        (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
+        if r1 <= rows.start or r0 >= rows.stop or c1 <= cols.start or c0 >= cols.stop:
+            raise RuntimeError(f"block rows {r0}-{r1}, cols {c0}-{c1} was read")
+        return values[r0:r1, c0:c1]
+
+    data = dask_array.map_blocks(read, chunks=((5, 5, 3), (4, 4, 3), (values.shape[-1],)), dtype=values.dtype)
+    return emb.transpose("y", "x", "embedding").copy(data=data)
+
+
+def test_queries_read_only_their_chunks(small):
+    emb, _ = small
+    emb1 = emb.isel(time=1)
+    point = _lonlat(float(emb.x[9]), float(emb.y[7]))  # block (1, 2)
+    lazy = _readable_only(emb1, slice(7, 8), slice(9, 10))
+    sim = similarity(lazy, point)  # resolving the query reads the point's block and nothing else
+    with pytest.raises(RuntimeError, match="was read"):
+        sim.compute()  # the map needs every block
+    window = gpd.GeoDataFrame(geometry=[box(float(emb.x[5]) - 40, float(emb.y[4]) - 40, float(emb.x[6]) + 40,
+                                            float(emb.y[3]) + 40)], crs=CRS)  # rows 3-4, cols 5-6
+    similarity(_readable_only(emb1, slice(3, 5), slice(5, 7)), window)
+    expected = emb1.values[3:5, 5:7].reshape(-1, 6).astype(np.float64).mean(0)
+    np.testing.assert_allclose(similarity(_readable_only(emb1, slice(0, 13), slice(0, 11)), window).values,
+                               similarity(emb1, expected).values, atol=1e-6)
+
+
 def test_bad_input_is_refused_before_any_chunk_is_read(small):
     emb, _ = small
     lazy = _unreadable(emb.isel(time=1))
