@@ -125,7 +125,9 @@ def lazy_parts(emb: xr.DataArray):
     data = data.rechunk({data.ndim - 1: -1})
     valid = None
     if "valid" in emb.coords:
-        valid = emb.coords["valid"].transpose(*emb.dims[:-1]).data
+        valid = emb.coords["valid"]
+        missing = {d: emb.sizes[d] for d in emb.dims[:-1] if d not in valid.dims}  # e.g. one mask for all dates
+        valid = valid.expand_dims(missing).transpose(*emb.dims[:-1]).data
         valid = dask_array.asarray(valid).rechunk(data.chunks[:-1])
     return data, valid
 
