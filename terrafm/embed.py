@@ -3,10 +3,12 @@
 Scale-out on dask.distributed: pass ``client=`` (a ``distributed.Client``). The model is
 broadcast once; each worker process builds its own copy on first use and keeps it (run one
 worker per GPU with ``threads_per_worker=1``, e.g. ``LocalCUDACluster`` or
-``LocalCluster(n_workers=n_gpus, threads_per_worker=1)``). Every block becomes one task that
-reads its window of the lazy Dataset on the worker, runs the model, and writes its zarr region
-(with ``out=``) or returns its arrays. Blocks never mix in a batch, so the result equals the
-single-process one.
+``LocalCluster(n_workers=n_gpus, threads_per_worker=1)``). Each worker gets a device of its own
+(:func:`worker_devices`: an explicit device list, else the GPUs of a host spread over its
+workers); blocks ask for ``resources={"GPU": 1}`` when workers advertise GPUs. Every block
+becomes one task that reads its window of the lazy Dataset on the worker, runs the model, and
+writes its zarr region (with ``out=``) or returns its arrays. Blocks never mix in a batch, so the
+result equals the single-process one; the blocks of a worker that dies are rerun by dask.
 
 Examples
 --------
@@ -507,14 +509,22 @@ def _place_blocks(client, device: Any, precision: str) -> _Placement:
     return _Placement(_WorkerDevices(by_address, names, fallback), resources, next(iter(precisions.values())))
 
 
-def _block_task(model_key, model, arrays, grid, level, block, block_chips, batch_size,
+class _ModelParcel:
+    """Takes the model to the workers by pickle: dask's own serializer of torch modules puts their
+    attributes in a msgpack header, which cannot hold the model's caches keyed by torch.device."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+
+def _block_task(model_key, parcel, arrays, grid, level, block, block_chips, batch_size,
                 device, precision, out, t_index, keys):
     from .engine import Engine
 
     if isinstance(device, _WorkerDevices):
         device = device.here()
     if model_key not in _WORKER_MODELS:
-        _WORKER_MODELS[model_key] = model.eval()
+        _WORKER_MODELS[model_key] = parcel.model.eval()
     engine = Engine(_WORKER_MODELS[model_key], device=device, batch_size=batch_size,
                     precision=precision, prefetch=1, scheduler="synchronous")
     _WORKER_DEVICES[model_key] = str(engine.device)
@@ -567,7 +577,8 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         more visible). The trade-off is measured in benchmarks/README.md. Ignored for
         ``level="chip"`` (chips tile without overlap).
     batch_size, device, precision
-        Chips per forward pass; ``"auto"``/``"cpu"``/``"cuda"``; autocast choice.
+        Chips per forward pass; ``"auto"``/``"cpu"``/``"cuda"``/``"cuda:1"``/a CUDA index, or
+        with ``client=`` a list of devices for the workers; autocast choice.
     modalities : list of str, optional
         Restrict to these modality keys (default: all present).
     out : path, optional
@@ -587,7 +598,8 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     block_chips : int
         Chips per block side (unit of reading, writing and resuming; part of a store's layout).
     client : distributed.Client, optional
-        Run blocks on a dask cluster, one model per worker (see the module docstring).
+        Run blocks on a dask cluster, one model and one device per worker (see the module
+        docstring and README "Scaling out").
     compile : bool
         ``torch.compile`` the model once for this call (this process; not with ``client=``). Pays
         on GPUs for large areas; on a CPU it costs more than it saves (benchmarks/README.md).
@@ -711,7 +723,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
     bar = tqdm(total=total, unit="chip", desc="terrafm.embed", disable=not progress)
     try:
         if client is not None:
-            model_ref = client.scatter(net.cpu(), broadcast=True)
+            model_ref = client.scatter(_ModelParcel(net.cpu()), broadcast=True)
             model_key = uuid.uuid4().hex
             futures = [client.submit(_block_task, model_key, model_ref, arrays_at(t), grid, level, b,
                                      block_chips, batch_size, placement.devices, placement.precision,
