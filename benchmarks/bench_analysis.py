@@ -8,7 +8,15 @@ t = a * n^b fitted in log space, and labelled as projected.
 kNN: ``terrafm.evaluate.knn_scores`` (DINO-weighted cosine kNN) vs scikit-learn
 ``KNeighborsClassifier(metric="cosine", algorithm="brute")`` on the same data.
 
+Lazy stores (``--lazy``, same run): ``to_rgb`` / ``similarity`` / ``cluster`` on a zarr store read
+lazily (``open_embedding``) at two sizes, the base and 10x its area. Each (function, store) runs in
+a fresh child process and reports its peak RSS (VmHWM, whole process, and above its post-import
+baseline); the goal is peak(10x) / peak(base) <= 1.2. Throughput (positions/s) of the lazy path on
+the base store is divided by the in-memory path (the same store loaded into numpy first, load time
+excluded); the goal is >= 0.8. Both paths fit on the same ``--lazy-sample`` vectors.
+
 Usage: python benchmarks/bench_analysis.py [--n 1000000 --dim 768 --sample 20000]
+       python benchmarks/bench_analysis.py --lazy-only [--lazy-side 160 --lazy-dim 768]
 The CPU is shared: numba/BLAS threads are capped with --threads (default 2).
 """
 
@@ -33,6 +41,14 @@ def _args():
     p.add_argument("--knn-query", type=int, default=20_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-umap", action="store_true")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True,
+                   help="also benchmark to_rgb/similarity/cluster on lazy zarr stores")
+    p.add_argument("--lazy-only", action="store_true", help="only the lazy-store benchmark")
+    p.add_argument("--lazy-side", type=int, default=160, help="base store side (positions); the large one is ~sqrt(10)x")
+    p.add_argument("--lazy-dim", type=int, default=768)
+    p.add_argument("--lazy-chunk", type=int, default=64, help="zarr chunk side (positions)")
+    p.add_argument("--lazy-sample", type=int, default=10_000, help="fit sample of to_rgb and cluster")
+    p.add_argument("--lazy-dir", default="", help="where the stores go (default: a temporary folder)")
     p.add_argument("--phase", default="", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -200,6 +216,123 @@ def bench_knn(args):
     print(f"  ratio ours / sklearn throughput: {t_sk / t_ours:.2f}x; prediction agreement {agree:.3f}")
 
 
+LAZY_FUNCTIONS = ("to_rgb", "similarity", "cluster")
+
+
+def write_lazy_store(path, side: int, dim: int, chunk: int, seed: int = 0):
+    """A (side, side, dim) float32 embedding store (40-cluster mixture, a cloudy block invalid), written chunk-wise."""
+    import dask.array as dsa
+    import numpy as np
+    import rioxarray  # noqa: F401
+    import xarray as xr
+    from affine import Affine
+
+    from terrafm.store import EMBEDDING_VAR, embedding_to_dataset
+
+    centres = np.random.default_rng(seed).normal(size=(40, dim)).astype(np.float32)
+
+    def block(block_info=None):
+        (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
+        rng = np.random.default_rng([seed, r0, c0])
+        out = centres[rng.integers(0, 40, (r1 - r0, c1 - c0))]
+        out += 0.5 * rng.standard_normal(out.shape, dtype=np.float32)
+        return out
+
+    chunks = tuple(tuple(min(chunk, side - i) for i in range(0, side, chunk)) for _ in range(2)) + ((dim,),)
+    values = dsa.map_blocks(block, chunks=chunks, dtype=np.float32)
+    valid = np.ones((side, side), bool)
+    valid[: side // 10, : side // 10] = False                      # a cloud: NaN vectors, valid=False
+    values = dsa.where(dsa.from_array(valid, chunks=chunks[:2])[..., None], values, np.float32(np.nan))
+    da = xr.DataArray(values, dims=("y", "x", "embedding"), name="embedding",
+                      coords={"y": 5_000_000 - 160 * (np.arange(side) + 0.5), "x": 400_000 + 160 * (np.arange(side) + 0.5)})
+    da = da.assign_coords(valid=(("y", "x"), dsa.from_array(valid, chunks=chunks[:2])))
+    da = da.rio.write_crs("EPSG:32633").rio.write_transform(Affine(160, 0, 400_000, 0, -160, 5_000_000))
+    ds = embedding_to_dataset(da)
+    ds[EMBEDDING_VAR].encoding["compressors"] = None    # uncompressed; keeps the grid_mapping encoding (CRS)
+    ds.to_zarr(path, mode="w", consolidated=False)
+    return path
+
+
+def _lazy_call(name: str, emb, sample: int):
+    """Run one analysis function to the end (a computed numpy result)."""
+    import numpy as np
+
+    from terrafm.analysis import cluster, similarity, to_rgb
+
+    if name == "to_rgb":
+        out = to_rgb(emb, sample=sample, seed=0)
+    elif name == "similarity":
+        query = np.asarray(emb.isel(y=emb.sizes["y"] // 2, x=emb.sizes["x"] // 2).values, dtype=np.float32)
+        out = similarity(emb, query)
+    else:
+        out = cluster(emb, k=8, sample=sample, seed=0)
+    return np.asarray(out.values)
+
+
+def phase_lazy(args, name: str, path: str, mode: str) -> dict:
+    """One (function, store, lazy|memory) measurement in this fresh process."""
+    import dask
+    import numpy as np
+
+    import terrafm
+
+    dask.config.set(scheduler="threads", num_workers=args.threads)
+    if mode == "memory":
+        emb = terrafm.open_embedding(path, chunks=None)
+    else:
+        emb = terrafm.open_embedding(path, chunks={})               # the stored chunks
+    _lazy_call(name, terrafm.open_embedding(path, chunks=None).isel(y=slice(-8, None), x=slice(-8, None)), 16)  # warm-up
+    rss_before = _rss_gib()
+    _reset_peak()
+    t0 = time.perf_counter()
+    out = _lazy_call(name, emb, args.lazy_sample)
+    elapsed = time.perf_counter() - t0
+    assert np.isfinite(out).any()
+    return {"seconds": elapsed, "positions": emb.sizes["y"] * emb.sizes["x"], "rss": _rss_gib(),
+            "rss_before": rss_before, "checksum": float(np.nansum(out, dtype=np.float64))}
+
+
+def bench_lazy(args):
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(args.lazy_dir or tempfile.mkdtemp(prefix="bench-analysis-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    sides = {"base": args.lazy_side, "10x": int(round(args.lazy_side * 10 ** 0.5))}
+    stores = {}
+    for label, side in sides.items():
+        t0 = time.perf_counter()
+        stores[label] = str(write_lazy_store(folder / f"{label}.zarr", side, args.lazy_dim, args.lazy_chunk))
+        gib = side * side * args.lazy_dim * 4 / 2**30
+        print(f"  store {label}: {side}x{side} positions x {args.lazy_dim} = {gib:.2f} GiB float32, "
+              f"{args.lazy_chunk}-position chunks, written in {time.perf_counter() - t0:.0f} s")
+
+    def child(name, label, mode):
+        cmd = [sys.executable, __file__, "--phase", f"lazy:{name}:{mode}:{stores[label]}",
+               f"--threads={args.threads}", f"--lazy-sample={args.lazy_sample}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{name} on {label} ({mode}) failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    print(f"Lazy stores (open_embedding, dask threads={args.threads}), fit samples {args.lazy_sample:,}:")
+    print(f"  {'function':<11} {'peak RSS base':>14} {'peak RSS 10x':>13} {'ratio':>6} {'above import':>22} "
+          f"{'lazy pos/s':>11} {'memory pos/s':>13} {'ratio':>6}")
+    for name in LAZY_FUNCTIONS:
+        base, large = child(name, "base", "lazy"), child(name, "10x", "lazy")
+        memory = child(name, "base", "memory")
+        assert abs(base["checksum"] - memory["checksum"]) <= 1e-4 * max(1.0, abs(memory["checksum"])), (base, memory)
+        lazy_rate, memory_rate = base["positions"] / base["seconds"], memory["positions"] / memory["seconds"]
+        above = f"{(base['rss'] - base['rss_before']) * 1024:.0f} -> {(large['rss'] - large['rss_before']) * 1024:.0f} MiB"
+        print(f"  {name:<11} {base['rss']:>10.2f} GiB {large['rss']:>9.2f} GiB {large['rss'] / base['rss']:>6.2f} "
+              f"{above:>22} {lazy_rate:>11,.0f} {memory_rate:>13,.0f} {lazy_rate / memory_rate:>6.2f}")
+    if not args.lazy_dir:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main():
     args = _args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -209,14 +342,25 @@ def main():
         import warnings
 
         warnings.filterwarnings("ignore")
-        result = phase_ours(args) if args.phase == "ours" else phase_baseline(args, int(args.phase.split(":")[1]))
+        if args.phase.startswith("lazy:"):
+            _, name, mode, path = args.phase.split(":", 3)
+            result = phase_lazy(args, name, path, mode)
+        elif args.phase == "ours":
+            result = phase_ours(args)
+        else:
+            result = phase_baseline(args, int(args.phase.split(":")[1]))
         print(json.dumps(result))
         return
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs visible, threads capped at {args.threads}")
+    if args.lazy_only:
+        bench_lazy(args)
+        return
     bench_knn(args)
     if not args.skip_umap:
         bench_umap(args)
     print(f"parent process peak RSS (kNN part): {_rss_gib():.2f} GiB")
+    if args.lazy:
+        bench_lazy(args)
 
 
 if __name__ == "__main__":
