@@ -22,7 +22,7 @@ def random_emb() -> xr.DataArray:
 
 @pytest.fixture(scope="session")
 def large_store(tmp_path_factory):
-    """Path of an embedding zarr store (open it with ``terrafm.open_embedding``) 2.9x larger than the memory
+    """Path of an embedding zarr store (open it with ``terrafm.open_embedding``) 2.5x larger than the memory
     budget of ``bounded_memory.run_bounded``: (time 2, y 768, x 1024, embedding 64) float32 = 403 MB,
     uncompressed 2 MiB chunks, EPSG:32633 160 m grid, rows 64-95 of the first date NaN with valid=False,
     the box analysis_helpers.LARGE_CHANGED changes class between the dates (see analysis_helpers.large_*).

@@ -219,8 +219,21 @@ def test_large_store_streams_under_a_memory_cap(large_store):
     row, col = 300, 200  # a class patch away from the changed box and the cloud rows
     query = _lonlat(ORIGIN[0] + RES * (col + 0.5), ORIGIN[1] - RES * (row + 0.5))
     window = dict(time=0, y=slice(LARGE_CLOUD_ROWS.start - 6, LARGE_CLOUD_ROWS.stop + 6), x=slice(100, 300))
-    runs = run_bounded_steps({
+    runs = run_bounded_steps({  # one child; the steps least likely to leave memory behind first
         "open": f"emb = terrafm.open_embedding({str(large_store)!r}); result = list(emb.data.chunksize)",
+        "change": """
+            ds = terrafm.analysis.change(emb.isel(time=0), emb.isel(time=1))
+            changed, valid = dask.compute(ds.changed.sum(), ds.distance.notnull().sum())
+            result = {"threshold": ds.attrs["threshold"], "changed": float(changed), "valid": int(valid)}
+            del ds
+        """,
+        "similarity": f"""
+            sim = terrafm.analysis.similarity(emb.isel(time=1), {query!r})
+            best = terrafm.analysis.top_k(sim, k=200)
+            result = {{"row": best["row"].tolist(), "col": best["col"].tolist(),
+                       "score": best["similarity"].tolist()}}
+            del sim, best
+        """,
         "to_rgb": f"""
             rgb, reducer = terrafm.analysis.to_rgb(emb, sample=20_000, return_reducer=True)
             nan, low, high = dask.compute(rgb.isnull().any("band").sum(), rgb.min(), rgb.max())
@@ -228,17 +241,7 @@ def test_large_store_streams_under_a_memory_cap(large_store):
             diff = np.nanmax(np.abs(part - reducer.transform(emb.isel({window!r}).load()).values))
             result = {{"nan": int(nan), "low": float(low), "high": float(high), "diff": float(diff),
                        "nan_window": int(np.isnan(part).all(-1).sum())}}
-        """,
-        "similarity": f"""
-            sim = terrafm.analysis.similarity(emb.isel(time=1), {query!r})
-            best = terrafm.analysis.top_k(sim, k=200)
-            result = {{"row": best["row"].tolist(), "col": best["col"].tolist(),
-                       "score": best["similarity"].tolist()}}
-        """,
-        "change": """
-            ds = terrafm.analysis.change(emb.isel(time=0), emb.isel(time=1))
-            changed, valid = dask.compute(ds.changed.sum(), ds.distance.notnull().sum())
-            result = {"threshold": ds.attrs["threshold"], "changed": float(changed), "valid": int(valid)}
+            del rgb, reducer, part
         """,
         "control": "result = float(emb.values.sum())",
     })
