@@ -160,8 +160,8 @@ def to_geoparquet(emb: xr.DataArray, path: str | Path | None = None, extra: dict
     positions left out. ``extra`` maps column names to (y, x) or (time, y, x) DataArrays on the
     same grid (e.g. cluster ids).
 
-    A dask-backed ``emb`` (:func:`terrafm.open_embedding`) written to ``path`` is streamed: one
-    Parquet row group per date and row of chunks (pyarrow ``ParquetWriter``), so memory is bounded
+    A dask-backed ``emb`` (:func:`terrafm.open_embedding`) or ``extra`` written to ``path`` is
+    streamed: one Parquet row group per date and row of chunks (pyarrow ``ParquetWriter``), so memory is bounded
     by one row of chunks, not the area, and the function returns ``path``. Otherwise the
     GeoDataFrame is built in memory and returned (and written when ``path`` is given). Both give
     the same table, in the same order. An existing ``path`` is replaced only with
