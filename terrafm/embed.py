@@ -376,15 +376,13 @@ _WORKER_DEVICES: dict[str, str] = {}   # model key -> the device this worker ran
 def _device_name(device: Any) -> str:
     """``"cuda:1"`` for 1, ``"1"``, ``"cuda:1"``; no check that this process has the device
     (the workers may have GPUs the client has not)."""
-    import torch
+    from .model.device import parse_device
 
-    if isinstance(device, str) and device.strip().isdigit():
-        device = int(device)
-    if isinstance(device, (int, np.integer)) and not isinstance(device, bool):
-        return f"cuda:{int(device)}"
-    if not isinstance(device, (str, torch.device)) or str(device) == "auto":
-        raise ValueError(f"device list entry {device!r}: each entry is one device, e.g. 'cuda:0', 'cuda:1' or 0, 1")
-    return str(torch.device(device))
+    try:
+        return str(parse_device(device))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"device list entry {device!r}: each entry is one device, e.g. 'cuda:0', 'cuda:1' "
+                         f"or 0, 1 ({exc})") from None
 
 
 def _wants_any_gpu(device: Any) -> bool:

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-__all__ = ["resolve_device", "device_for_rank", "process_group_backend", "autocast", "autocast_dtype"]
+__all__ = ["resolve_device", "parse_device", "device_for_rank", "process_group_backend", "autocast", "autocast_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +18,34 @@ def _cuda_count(cuda_count: int | None) -> int:
     if cuda_count is not None:
         return int(cuda_count)
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse_device(device: str | int | torch.device) -> torch.device:
+    """``device`` as a torch device, without asking whether this process has it (a dask client
+    plans devices for workers that may have GPUs it has not): a CUDA index ``1`` or ``"1"`` is
+    ``cuda:1``; ``"auto"`` is not a device (see :func:`resolve_device`).
+
+    Examples
+    --------
+    >>> parse_device(1), parse_device("cuda:0"), parse_device("cpu")
+    (device(type='cuda', index=1), device(type='cuda', index=0), device(type='cpu'))
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        raise ValueError(f"device={device!r} is a choice, not a device: name one ('cpu', 'cuda:0', 0, 'mps')")
+    if isinstance(device, bool):
+        raise TypeError(f"device={device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N', a CUDA index N or 'mps'")
+    if isinstance(device, str) and device.strip().isdigit():
+        device = int(device)
+    if isinstance(device, (str, torch.device)):
+        return torch.device(device)
+    try:
+        index = operator.index(device)
+    except TypeError:
+        raise TypeError(f"device={device!r} ({type(device).__name__}): use 'auto', 'cpu', 'cuda', 'cuda:N', "
+                        "a CUDA index N or 'mps'") from None
+    if index < 0:
+        raise ValueError(f"device index {index} is negative; CUDA devices are numbered from 0")
+    return torch.device("cuda", index)
 
 
 def resolve_device(device: str | int | torch.device | None = "auto", *, cuda_count: int | None = None) -> torch.device:
@@ -39,28 +67,14 @@ def resolve_device(device: str | int | torch.device | None = "auto", *, cuda_cou
     Traceback (most recent call last):
     RuntimeError: device 'cuda:2' is CUDA device 2 but this process sees 2 (cuda:0 to cuda:1); use an index below 2 (CUDA_VISIBLE_DEVICES numbers the visible GPUs from 0)
     """
-    if isinstance(device, bool):
-        raise TypeError(f"device={device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N', a CUDA index N or 'mps'")
-    if device is None or device == "auto":
+    if device is None or (isinstance(device, str) and device == "auto"):
         if _cuda_count(cuda_count) > 0:
             return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if isinstance(device, str) and device.strip().isdigit():
-        device = int(device)
-    if not isinstance(device, (str, torch.device)):
-        try:
-            index = operator.index(device)
-        except TypeError:
-            raise TypeError(f"device={device!r} ({type(device).__name__}): use 'auto', 'cpu', 'cuda', 'cuda:N', "
-                            "a CUDA index N or 'mps'") from None
-        if index < 0:
-            raise ValueError(f"device index {index} is negative; CUDA devices are numbered from 0")
-        resolved = torch.device("cuda", index)
-    else:
-        resolved = torch.device(device)
+    resolved = parse_device(device)
     if resolved.type == "cuda":
         count = _cuda_count(cuda_count)
         if count == 0:
