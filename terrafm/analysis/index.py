@@ -51,7 +51,7 @@ HNSW_EF_SEARCH = 128
 """HNSW candidate list at query time (raised to ``k`` when ``k`` is larger)."""
 IVF_NPROBE = 32
 """Inverted lists visited per IVF-PQ query."""
-REFINE_K_FACTOR = 4
+REFINE_K_FACTOR = 8
 """IVF-PQ re-ranks ``k * REFINE_K_FACTOR`` PQ candidates with 8-bit scalar-quantised vectors."""
 MAX_TRAINING = 100_000
 """Largest training sample of IVF-PQ (drawn with ``seed`` from whole blocks)."""
@@ -86,9 +86,9 @@ def index_params(method: str, n: int, dim: int) -> dict:
 
     ``"exact"``: ``Flat`` (inner product). ``"hnsw"``: ``HNSW{M},Flat``. ``"ivfpq"``:
     ``IVF{nlist},PQ{m}x{bits},Refine(SQ8)`` with ``nlist`` the power of two nearest ``4 sqrt(n)``
-    (at least 39 training vectors per list), ``m`` sub-quantisers of 8 dims, 8 bits (fewer when
-    ``n`` is too small to train 256 centroids), candidates re-ranked with 8-bit scalar-quantised
-    vectors.
+    (at least 39 training vectors per list), ``m`` sub-quantisers of 8 dims,
+    8 bits (fewer when ``n`` is too small to train 256 centroids), candidates re-ranked with 8-bit
+    scalar-quantised vectors.
 
     Examples
     --------
@@ -137,9 +137,18 @@ def new_faiss_index(params: dict, dim: int, seed: int = 0):
 def set_search_params(index, params: dict) -> None:
     """Apply the recorded search knobs (``efSearch``, ``nprobe``, ``k_factor``) to ``index``."""
     faiss = _faiss()
-    space = faiss.ParameterSpace()
-    for name, value in params.get("search", {}).items():
-        space.set_index_parameter(index, name, value)
+    knobs = params.get("search", {})
+    outer = faiss.downcast_index(index)
+    if "k_factor" in knobs:
+        outer.k_factor = float(knobs["k_factor"])
+    if "efSearch" in knobs:
+        outer.hnsw.efSearch = int(knobs["efSearch"])
+    if "nprobe" in knobs:
+        base = faiss.downcast_index(outer.base_index) if hasattr(outer, "base_index") else outer
+        if hasattr(base, "nprobe"):
+            base.nprobe = int(knobs["nprobe"])
+        else:                                      # a GPU copy
+            faiss.GpuParameterSpace().set_index_parameter(base, "nprobe", int(knobs["nprobe"]))
 
 
 def _normalized(vectors: np.ndarray) -> np.ndarray:
