@@ -152,17 +152,17 @@ def test_quickstart_map_renders_with_the_embedding_layer(browser_context, offlin
 def test_change_explorer_in_the_browser(browser_context, offline_copies, voila_env, tmp_path):
     voila = Voila(offline_copies / "03_change_detection.ipynb", voila_env, tmp_path)
     try:
-        page = _open(browser_context, voila)
+        page = _open(browser_context, voila, timeout_ms=300_000)  # Voila runs every cell first: two embeds
         maps = page.query_selector_all(".leaflet-container")
-        assert len(maps) == 1
-        assert len(page.query_selector_all("img.leaflet-image-layer")) == 2  # distance + changed
+        assert len(maps) == 2  # the two-season pair, then the series
+        assert len(maps[0].query_selector_all("img.leaflet-image-layer")) == 2  # distance + changed
         assert page.query_selector(".terrafm-colorbar") is not None
         assert page.query_selector(".terrafm-error") is None
         shot = _save(page, maps[0], "change_explorer", tmp_path)
         assert coloured_pixels(shot) > 20_000, "the map area is blank"
         # move the threshold slider to its maximum with the keyboard: the kernel re-thresholds and the
-        # 'changed' overlay (the last image layer) gets a new picture
-        before = page.query_selector_all("img.leaflet-image-layer")[-1].get_attribute("src")
+        # 'changed' overlay (the pair map's last image layer) gets a new picture
+        before = maps[0].query_selector_all("img.leaflet-image-layer")[-1].get_attribute("src")
         handle = page.query_selector(".widget-slider .noUi-handle")
         handle.focus()
         page.keyboard.press("End")
@@ -170,11 +170,48 @@ def test_change_explorer_in_the_browser(browser_context, offline_copies, voila_e
             "() => { const m = document.querySelector('.terrafm-message');"
             " return m && m.innerText.includes('0.0% of valid positions changed'); }", timeout=30_000)
         readout = page.inner_text(".widget-slider .widget-readout")
-        after = page.query_selector_all("img.leaflet-image-layer")[-1].get_attribute("src")
+        after = maps[0].query_selector_all("img.leaflet-image-layer")[-1].get_attribute("src")
         assert after != before, "the changed layer was not redrawn"
         assert float(readout) > 0
+        _series_click(page, maps[1], tmp_path)
     finally:
         voila.stop()
+
+
+def _series_click(page, series_map, tmp_path: Path) -> None:
+    """The series app: a click in the data draws that position's distance over time in the bqplot figure
+    (one point per date, the dashed threshold) and names its first persistent change, or that there is none."""
+    series_map.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    images = series_map.query_selector_all("img.leaflet-image-layer")
+    assert len(images) == 4  # the first-last pair (distance, changed), first persistent change, distance to baseline
+    box = images[-1].bounding_box()
+    slider_dates = page.query_selector_all(".widget-slider")[-1].inner_text()
+    assert slider_dates.strip(), "the date slider shows no date"
+    messages = page.query_selector_all(".terrafm-message")
+    before = messages[-1].inner_text()
+    page.mouse.click(box["x"] + 0.45 * box["width"], box["y"] + 0.55 * box["height"])
+    page.wait_for_function(
+        "(before) => { const m = [...document.querySelectorAll('.terrafm-message')].pop();"
+        " return m && m.innerText !== before && m.innerText.includes('persistent change'); }",
+        arg=before, timeout=30_000)
+    message = page.query_selector_all(".terrafm-message")[-1].inner_text()
+    assert page.query_selector(".terrafm-error") is None, message
+    figure = page.query_selector_all(".bqplot")[-1]
+    page.wait_for_function("(f) => f.textContent.includes('distance to baseline at row')", arg=figure,
+                           timeout=30_000)
+    lines = figure.evaluate(
+        "f => [...f.querySelectorAll('path.line')].map(p => ({style: p.getAttribute('style') || '',"
+        " vertices: (p.getAttribute('d') || '').split(/[ML]/).length - 1,"
+        " shown: p.closest('g[style*=\"display: none\"]') === null}))")
+    by_colour = {colour: [line for line in lines if colour in line["style"]]
+                 for colour in ("31, 119, 180", "136, 136, 136", "214, 39, 40")}
+    trajectory, threshold, change = (by_colour[c][0] for c in ("31, 119, 180", "136, 136, 136", "214, 39, 40"))
+    assert trajectory["shown"] and trajectory["vertices"] >= 3        # one vertex per valid date
+    assert len(figure.query_selector_all("path.dot")) == trajectory["vertices"]
+    assert threshold["shown"] and "dasharray: 10" in threshold["style"]
+    assert change["shown"] == ("First persistent change" in message), (change, message)
+    (tmp_path / "series_trajectory.png").write_bytes(figure.screenshot())
 
 
 def _png_pixels(src: str) -> np.ndarray:
@@ -208,7 +245,7 @@ def test_similarity_click_in_the_browser(browser_context, offline_copies, voila_
     top = np.round(np.asarray(colormaps["magma"](1.0)[:3]) * 255).astype(int)
     voila = Voila(offline_copies / "04_similarity_search.ipynb", voila_env, tmp_path)
     try:
-        page = _open(browser_context, voila)
+        page = _open(browser_context, voila, timeout_ms=300_000)  # Voila runs every cell first: two embeds + an index
         page.wait_for_selector(QUERY_MARKER, timeout=30_000)
         maps = page.query_selector_all(".leaflet-container")
         assert len(maps) == 1
