@@ -163,3 +163,16 @@ def pgstac_server(sentinel_scene, storage_server, pc_environment):
 @pytest.fixture(scope="session")
 def stac_api_url(pgstac_server) -> str:
     return pgstac_server.url
+
+
+@pytest.fixture(scope="session")
+def release_checkpoint(tmp_path_factory) -> Path:
+    """``TerraFM-B.pth``: random weights in the release layout (``reference_terrafm``, seed 1; 113 M
+    values, 450 MB), made and saved once for every test that needs a base-size release file.
+    Read only; ``torch.load(path, mmap=True, weights_only=True)`` gives its tensors without a copy."""
+    import torch
+    from reference_terrafm import random_release_checkpoint
+
+    path = tmp_path_factory.mktemp("release") / "TerraFM-B.pth"
+    torch.save(random_release_checkpoint(seed=1), path)
+    return path

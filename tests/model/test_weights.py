@@ -12,7 +12,6 @@ import textwrap
 import pytest
 import torch
 
-from reference_terrafm import random_release_checkpoint
 from terrafm.model import CheckpointError, HubWeights, create_model, get_config, load_weights
 
 FUSION = "patch_embed.fusion."
@@ -86,10 +85,9 @@ def test_truncated_file_is_reported_as_corrupt(tmp_path, tiny_state):
         load_weights(create_model("terrafm_tiny"), path)
 
 
-def test_base_weights_into_large_lists_mismatches_and_suggests_the_config(tmp_path):
-    path = _save(tmp_path, random_release_checkpoint(seed=0), "TerraFM-B.pth")
+def test_base_weights_into_large_lists_mismatches_and_suggests_the_config(release_checkpoint):
     with pytest.raises(CheckpointError) as info:
-        load_weights(create_model("terrafm_large"), path)
+        load_weights(create_model("terrafm_large"), release_checkpoint)
     message = str(info.value)
     assert "164 shape mismatches" in message and "144 missing keys: blocks.12." in message
     assert "create_model('terrafm_base')" in message
@@ -164,11 +162,9 @@ def _run_hf(env_extra):
 
 
 @pytest.fixture(scope="module")
-def release_bytes_file(tmp_path_factory):
-    state = random_release_checkpoint(seed=3)
-    path = tmp_path_factory.mktemp("rel") / "TerraFM-B.pth"
-    torch.save(state, path)
-    return path, float(state["cls_token"].flatten()[0])
+def release_bytes_file(release_checkpoint):
+    state = torch.load(release_checkpoint, mmap=True, weights_only=True)
+    return release_checkpoint, float(state["cls_token"].flatten()[0])
 
 
 def test_hf_from_a_real_offline_huggingface_cache(tmp_path, release_bytes_file):
