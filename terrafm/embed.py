@@ -670,7 +670,8 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
              "checkpoint_sha256": getattr(net, "checkpoint_sha256", None) or "",
              "fusion": getattr(net, "fusion_mode", None) or "",
              "modalities": keys, "normalization": NORMALIZATION, "terrafm_version": __version__,
-             "level": level, "chip_size": int(chip_size), "overlap": int(margin)}
+             "level": level, "chip_size": int(chip_size), "overlap": int(margin),
+             "input_items": list(ds.attrs.get("terrafm_items") or [])}
     store_done = None
     write_to = None
     if target is not None:
@@ -753,6 +754,9 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
             replace_with(write_to, target)
             logger.info("%s replaced by the recomputed store", target)
         result = open_embedding(target)
+        from .store import write_stac_item
+
+        write_stac_item(target)   # <out>.stac-item.json: the finished store, for catalogs
     else:
         lead = ("time",) if has_time else ()
         sq = (lambda a: a) if has_time else (lambda a: a[0])

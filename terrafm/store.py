@@ -30,7 +30,8 @@ import numpy as np
 import xarray as xr
 
 __all__ = ["EMBEDDING_VAR", "IncompleteStoreWarning", "open_embedding", "embedding_to_dataset",
-           "serialisable_attrs", "sources_of", "check_output_path", "atomic_output", "is_zarr_store"]
+           "serialisable_attrs", "sources_of", "check_output_path", "atomic_output", "is_zarr_store",
+           "write_stac_item", "stac_item_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,21 +92,43 @@ def embedding_to_dataset(emb: xr.DataArray) -> xr.Dataset:
     return ds
 
 
-def open_embedding(path: str | os.PathLike, chunks: dict | str | None = "auto") -> xr.DataArray:
-    """Open an embedding zarr written by ``terrafm.embed(out=...)`` or ``analysis.to_zarr``.
+VECTOR_DIM_NAMES = ("embedding", "band", "bands", "feature", "features", "dim", "channel")
+"""Names of the vector dimension recognised in zarr stores written by other tools."""
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".gtiff", ".vrt")
+
+
+def open_embedding(path: str | os.PathLike, chunks: dict | str | None = "auto", vector_dim: str | None = None,
+                   variable: str | None = None) -> xr.DataArray:
+    """Open embeddings: a terrafm store, or vectors written by other tools (GeoTIFF/COG or zarr).
 
     Parameters
     ----------
     path : str or PathLike
-        The zarr store.
+        A zarr store written by ``terrafm.embed(out=...)`` or ``analysis.to_zarr``; a GeoTIFF/COG
+        whose bands are the vector's dimensions; or a zarr of vectors with dims ``([time,] y, x, <vector_dim>)``
+        in any order.
     chunks : dict, "auto" or None
-        Passed to ``xarray.open_zarr``: lazy dask arrays by default; ``None`` loads eagerly.
+        Lazy dask arrays by default; ``None`` loads eagerly.
+    vector_dim : str, optional
+        The vector dimension of a foreign zarr (default: the one of ``"embedding"``, ``"band"``,
+        ``"feature"``, ``"dim"``... it has). Renamed to ``"embedding"``.
+    variable : str, optional
+        The array of a foreign zarr holding the vectors (default: the only one with spatial dims
+        and the vector dim).
 
     Returns
     -------
     xarray.DataArray
-        Named ``"embedding"``, dims ``([time,] y, x, embedding)``, with the ``valid`` and
-        ``valid_<modality>`` coordinates, ``spatial_ref`` and the attrs it was written with.
+        Named ``"embedding"``, dims ``([time,] y, x, embedding)``, with the ``valid`` (and for terrafm
+        stores ``valid_<modality>``) coordinates, ``spatial_ref`` and the attrs it was written with.
+        For foreign files ``valid`` is where every component is finite and not the nodata value
+        (those cells become NaN; values are float32).
+
+    Raises
+    ------
+    ValueError
+        A 1-band raster, a file without CRS, or a zarr without ``y``/``x`` dims or without a vector dim.
 
     Warns
     -----
@@ -117,14 +140,16 @@ def open_embedding(path: str | os.PathLike, chunks: dict | str | None = "auto") 
     --------
     >>> emb = open_embedding("aoi.zarr")                                    # doctest: +SKIP
     >>> emb.where(emb.valid).mean(("y", "x"))                               # doctest: +SKIP
+    >>> other = open_embedding("vectors_cog.tif")   # bands -> embedding    # doctest: +SKIP
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such zarr store; write one with terrafm.embed(..., out='{path}')")
+    if path.is_file():
+        return _open_raster_vectors(path, chunks)
     ds = xr.open_zarr(path, consolidated=False, decode_coords="all", chunks=chunks)
     if EMBEDDING_VAR not in ds:
-        raise ValueError(f"{path} is not a terrafm embedding store: it has no '{EMBEDDING_VAR}' array "
-                         f"(it holds {sorted(ds.data_vars)}); write one with terrafm.embed(..., out=...)")
+        return _foreign_zarr_vectors(path, ds, vector_dim, variable)
     emb = ds[EMBEDDING_VAR]
     emb = emb.assign_coords({name: ds[name] for name in ds.data_vars if _is_validity(str(name))})
     if "spatial_ref" in ds.coords:
@@ -139,6 +164,83 @@ def open_embedding(path: str | os.PathLike, chunks: dict | str | None = "auto") 
                 f"{path} is unfinished: {missing} of {done.size} blocks are not computed (their cells are NaN with "
                 f"valid=False). Finish it by rerunning terrafm.embed(ds, ..., out={str(path)!r}) with the same "
                 "Dataset and settings (finished blocks are kept)", IncompleteStoreWarning, stacklevel=2)
+    return emb
+
+
+def _as_contract(values: xr.DataArray, nodata: Any, source: str) -> xr.DataArray:
+    """Foreign vectors -> float32 ``(..., y, x, embedding)`` with NaN at nodata and a ``valid`` coord."""
+    if values.rio.crs is None:
+        raise ValueError(f"{source} has no CRS, so its vectors cannot be placed on a map; write one first "
+                         "(e.g. gdal_edit.py -a_srs EPSG:32618 file.tif, or da.rio.write_crs(...) before saving)")
+    lead = [d for d in values.dims if d not in ("y", "x", "embedding")]
+    values = values.transpose(*lead, "y", "x", "embedding")
+    if values.sizes["embedding"] < 2:
+        raise ValueError(f"{source} holds {values.sizes['embedding']} value per position, not a vector: an "
+                         "embedding file needs one band (or vector component) per embedding dimension")
+    values = values.astype("float32")
+    if nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata)):
+        values = values.where(values != np.float32(nodata))
+    valid = np.isfinite(values).all("embedding")
+    values = values.where(valid)
+    crs = values.rio.crs
+    values = values.drop_vars([c for c in values.coords if c not in ("y", "x", "time", "spatial_ref")])
+    values = values.assign_coords(valid=valid.drop_vars([c for c in valid.coords if c not in ("y", "x", "time")]))
+    values = values.rio.write_crs(crs)
+    values.name = "embedding"
+    values.attrs = {"source": source}
+    return values
+
+
+def _open_raster_vectors(path: Path, chunks: dict | str | None) -> xr.DataArray:
+    import rioxarray
+
+    if path.suffix.lower() not in RASTER_SUFFIXES:
+        raise ValueError(f"{path} is a file but not a GeoTIFF/COG ({', '.join(RASTER_SUFFIXES)}); open_embedding "
+                         "reads terrafm zarr stores, zarr stores of vectors, and GeoTIFFs whose bands are vectors")
+    raster = rioxarray.open_rasterio(path, chunks=chunks, masked=False)
+    nodata = raster.rio.nodata
+    raster = raster.rename(band="embedding")
+    return _as_contract(raster, nodata, str(path))
+
+
+def _foreign_zarr_vectors(path: Path, ds: xr.Dataset, vector_dim: str | None, variable: str | None) -> xr.DataArray:
+    spatial = [n for n, v in ds.data_vars.items() if {"y", "x"} <= set(v.dims) and v.ndim >= 3]
+    if not spatial:
+        raise ValueError(
+            f"{path} is not an embedding store: no array has spatial dims 'y' and 'x' plus a vector dim (arrays: "
+            f"{ {n: v.dims for n, v in ds.data_vars.items()} }). Rename its dims (ds.rename(lat='y', lon='x')) "
+            "and save it again, or write embeddings with terrafm.embed(..., out=...)")
+    if variable is None:
+        if len(spatial) > 1:
+            raise ValueError(f"{path} holds several arrays with spatial dims {spatial}: pass variable= to choose one")
+        variable = spatial[0]
+    elif variable not in ds.data_vars:
+        raise ValueError(f"{path} has no array {variable!r}; it has {sorted(ds.data_vars)}")
+    values = ds[variable]
+    others = [d for d in values.dims if d not in ("y", "x", "time")]
+    if vector_dim is None:
+        named = [d for d in others if d in VECTOR_DIM_NAMES]
+        if len(others) == 1:
+            vector_dim = others[0]
+        elif len(named) == 1:
+            vector_dim = named[0]
+        else:
+            raise ValueError(f"{path}:{variable} has dims {values.dims}; pass vector_dim= naming the dimension "
+                             "of the vectors (one of " + ", ".join(map(repr, others)) + ")")
+    if vector_dim not in values.dims:
+        raise ValueError(f"{path}:{variable} has no dim {vector_dim!r} (its dims are {values.dims}); pass the "
+                         "vector dimension's name as vector_dim=")
+    extra = [d for d in others if d != vector_dim]
+    if extra:
+        raise ValueError(f"{path}:{variable} has dims {extra} besides (time, y, x, {vector_dim}); select them "
+                         "away and save it again")
+    values = values.rename({vector_dim: "embedding"}) if vector_dim != "embedding" else values
+    if "spatial_ref" in ds.coords and "spatial_ref" not in values.coords:
+        values = values.assign_coords(spatial_ref=ds["spatial_ref"])
+    nodata = values.attrs.get("_FillValue", values.encoding.get("_FillValue"))
+    emb = _as_contract(values, nodata, f"{path}:{variable}")
+    if "valid" in ds.data_vars and set(ds["valid"].dims) <= set(emb.dims):
+        emb = emb.assign_coords(valid=emb.valid & ds["valid"].astype(bool))
     return emb
 
 
@@ -387,3 +489,149 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False, reads: It
     except BaseException:
         _remove(tmp)
         raise
+
+
+# ---------------------------------------------------------------------- STAC Item beside a store
+ZARR_MEDIA_TYPE = "application/vnd+zarr"
+STAC_EXTENSIONS = ("https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+                   "https://stac-extensions.github.io/datacube/v2.2.0/schema.json",
+                   "https://stac-extensions.github.io/mlm/v1.4.0/schema.json")
+
+
+def stac_item_path(store_path: str | os.PathLike) -> Path:
+    """Where :func:`write_stac_item` puts a store's STAC Item: ``<store>.stac-item.json`` beside it.
+
+    Examples
+    --------
+    >>> stac_item_path("/data/aoi.zarr").name
+    'aoi.zarr.stac-item.json'
+    """
+    path = Path(store_path)
+    return path.with_name(path.name + ".stac-item.json")
+
+
+def _iso(value: Any) -> str:
+    import pandas as pd
+
+    stamp = pd.Timestamp(value)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _stac_item_dict(store: Path) -> dict:
+    import odc.geo.xr  # noqa: F401  (registers .odc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IncompleteStoreWarning)
+        emb = open_embedding(store)
+    gbox = emb.odc.geobox
+    if gbox is None or gbox.crs is None:
+        raise ValueError(f"{store} has no CRS or regular grid, so its footprint is unknown; it cannot be catalogued")
+    footprint = gbox.geographic_extent
+    lon_lat_bbox = [float(v) for v in footprint.boundingbox]
+    attrs = emb.attrs
+    run = _stored_run_attrs(store)
+    props: dict[str, Any] = {}
+    if "time" in emb.dims:
+        times = sorted(emb["time"].values)
+        props.update(datetime=None, start_datetime=_iso(times[0]), end_datetime=_iso(times[-1]))
+    else:   # no acquisition time recorded: the time the store was written
+        props["datetime"] = _iso(np.datetime64(int(store.stat().st_mtime * 1e9), "ns"))
+    epsg = gbox.crs.epsg
+    props["proj:code"] = f"EPSG:{epsg}" if epsg else None
+    if not epsg:
+        props["proj:wkt2"] = gbox.crs.to_wkt()
+    props["proj:transform"] = [float(v) for v in tuple(gbox.affine)[:6]]
+    props["proj:shape"] = [int(v) for v in gbox.shape]
+    props["proj:bbox"] = [float(v) for v in gbox.extent.boundingbox]
+    y_res, x_res = float(gbox.resolution.y), float(gbox.resolution.x)
+    left, bottom, right, top = props["proj:bbox"]
+    dims = {"x": {"type": "spatial", "axis": "x", "extent": [left, right], "step": x_res,
+                  "reference_system": props["proj:code"] or props["proj:wkt2"]},
+            "y": {"type": "spatial", "axis": "y", "extent": [bottom, top], "step": y_res,
+                  "reference_system": props["proj:code"] or props["proj:wkt2"]},
+            "embedding": {"type": "embedding", "extent": [0, int(emb.sizes["embedding"]) - 1], "step": 1,
+                          "description": "components of one TerraFM vector (one 'band' per component)"}}
+    if "time" in emb.dims:
+        dims["time"] = {"type": "temporal", "extent": [props["start_datetime"], props["end_datetime"]],
+                        "values": [_iso(t) for t in emb["time"].values]}
+    props["cube:dimensions"] = dims
+    props["cube:variables"] = {
+        EMBEDDING_VAR: {"type": "data", "dimensions": list(emb.dims), "data_type": str(emb.dtype), "nodata": "nan",
+                        "description": "TerraFM embedding vectors"},
+        **{str(c): {"type": "auxiliary", "dimensions": list(emb[c].dims), "data_type": "bool",
+                    "description": "position holds a vector computed from valid pixels"}
+           for c in emb.coords if _is_validity(str(c))}}
+    model = attrs.get("model") or run.get("model")
+    props.update({
+        "mlm:name": model, "mlm:architecture": "Vision Transformer", "mlm:framework": "pytorch",
+        "mlm:tasks": ["embedding"], "mlm:accelerator": None,
+        "terrafm:weights": run.get("weights") or (f"file-sha256:{attrs['checkpoint_sha256']}"
+                                                  if attrs.get("checkpoint_sha256") else None),
+        "terrafm:fusion": attrs.get("fusion") or run.get("fusion"),
+        "terrafm:level": attrs.get("level") or run.get("level"),
+        "terrafm:chip_size": attrs.get("chip_size"), "terrafm:overlap": attrs.get("overlap"),
+        "terrafm:modalities": attrs.get("modalities"), "terrafm:version": attrs.get("terrafm_version"),
+        "terrafm:input_items": attrs.get("input_items") or [],
+        "terrafm:input": run.get("input"),
+    })
+    return {
+        "type": "Feature", "stac_version": "1.1.0", "stac_extensions": list(STAC_EXTENSIONS),
+        "id": store.name.removesuffix(".zarr"),
+        "geometry": footprint.json, "bbox": lon_lat_bbox, "properties": props, "links": [],
+        "assets": {"data": {"href": f"./{store.name}", "type": ZARR_MEDIA_TYPE, "roles": ["data"],
+                            "title": f"TerraFM embeddings ({model})"}},
+    }
+
+
+def _stored_run_attrs(store: Path) -> dict:
+    import zarr
+
+    run = zarr.open_group(str(store), mode="r").attrs.get("terrafm_run")
+    try:
+        return json.loads(run) if isinstance(run, str) else {}
+    except ValueError:
+        return {}
+
+
+def write_stac_item(store_path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a STAC Item describing an embedding store beside it (:func:`stac_item_path`).
+
+    The Item (STAC 1.1) has the store's footprint in lon/lat (``geometry``, ``bbox``), its dates
+    (``start_datetime``/``end_datetime`` of a series; otherwise the time the store was written), the
+    projection extension (``proj:code``, ``proj:transform``, ``proj:shape``, ``proj:bbox``), the
+    datacube extension for its dims (the ``embedding`` dim stands for bands), ml-model fields
+    (``mlm:name``) with ``terrafm:weights`` (weights hash), ``terrafm:fusion``, ``terrafm:level`` and
+    ``terrafm:input_items``, and a ``data`` asset pointing at the store (``application/vnd+zarr``).
+    ``terrafm.embed(out=...)`` calls it when a store is complete. An existing Item of the same store
+    is replaced; another file at that path only with ``overwrite=True``. Written atomically.
+
+    Raises
+    ------
+    ValueError
+        The store is unfinished (rerun ``terrafm.embed`` to complete it first) or has no CRS.
+
+    Examples
+    --------
+    >>> import pystac                                                       # doctest: +SKIP
+    >>> item = pystac.Item.from_file(write_stac_item("aoi.zarr"))           # doctest: +SKIP
+    >>> item.properties["proj:code"]                                        # doctest: +SKIP
+    'EPSG:32618'
+    """
+    store = Path(store_path).expanduser().resolve()
+    if not is_zarr_store(store):
+        raise ValueError(f"{store_path} is not a zarr store; write one with terrafm.embed(..., out=...)")
+    try:
+        item = _stac_item_dict(store)
+    except IncompleteStoreWarning as warning:
+        raise ValueError(f"cannot catalogue {store_path}: {warning}") from None
+    target = stac_item_path(store)
+    ours = False
+    if target.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            old = json.loads(target.read_text())
+            ours = old.get("id") == item["id"] and old.get("assets", {}).get("data", {}).get("href") == f"./{store.name}"
+    with atomic_output(target, overwrite=overwrite or ours, what="STAC Item") as tmp:
+        tmp.write_text(json.dumps(item, indent=1))
+    logger.info("wrote %s", target)
+    return target
