@@ -166,7 +166,8 @@ def _add_store_commands(sub, debug) -> None:
     chg.add_argument("store", help="embedding zarr store (the earlier date, or a time series)")
     chg.add_argument("store_b", nargs="?", default=None, help="the later store (omit for a series)")
     chg.add_argument("--out", required=True,
-                     help="GeoTIFF (COG): bands distance, changed (for a series: one pair of bands per later date)")
+                     help="GeoTIFF (COG): bands distance, changed (a series: distance_<date>... then changed_<date>... of "
+                          "each later date); the band names are in its 'bands' tag")
     chg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     chg.add_argument("--threshold", default="otsu", help="cosine distance counted as change, or 'otsu' (default)")
     chg.add_argument("--first-change", default=None, metavar="TIF",
@@ -338,7 +339,7 @@ def _check_embed_options(args) -> dict:
             try:
                 get_modality(key)
             except KeyError as exc:
-                raise CommandError(f"--modalities: {_one_line(exc)}") from None
+                raise CommandError(f"--modalities: {exc.args[0]}") from None
     import torch
 
     autocast_dtype(torch.device("cpu"), args.precision)   # the names are choices; this is the owner's check
@@ -503,7 +504,8 @@ def _cmd_change(args) -> int:
     else:
         bands = bands.assign_coords(band=["distance", "changed"])
     bands = bands.rio.write_crs(ds.rio.crs)
-    bands.attrs = {"threshold": ds.attrs["threshold"], "threshold_method": ds.attrs["threshold_method"]}
+    bands.attrs = {"bands": [str(b) for b in bands["band"].values], "threshold": ds.attrs["threshold"],
+                   "threshold_method": ds.attrs["threshold_method"]}
     to_cog(bands.transpose("band", "y", "x"), args.out, overwrite=args.overwrite)
     logger.info("wrote %s (threshold %.4f)", args.out, ds.attrs["threshold"])
     if args.first_change is not None:
@@ -548,7 +550,7 @@ def _cmd_classify(args) -> int:
     pred = clf.predict(emb)
     bands = xr.concat([pred["class"], pred["probability"]], dim="band").assign_coords(band=["class", "probability"])
     bands = bands.rio.write_crs(pred.rio.crs)
-    bands.attrs = {"classes": [str(c) for c in clf.classes], "method": clf.method,
+    bands.attrs = {"bands": ["class", "probability"], "classes": [str(c) for c in clf.classes], "method": clf.method,
                    **{k: v for k, v in clf.report.items() if k in ("accuracy", "macro_f1", "n_train")}}
     to_cog(bands.transpose("band", "y", "x"), args.out, overwrite=args.overwrite)
     logger.info("wrote %s (classes %s; cross-validated accuracy %s)", args.out, bands.attrs["classes"],
