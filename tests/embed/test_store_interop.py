@@ -151,7 +151,7 @@ def test_store_georeferencing_with_plain_xarray_rioxarray(series_store):
     import rioxarray  # noqa: F401
 
     emb = open_embedding(series_store)
-    plain = xr.open_zarr(series_store, consolidated=False, decode_coords="all")["embedding_vectors"]
+    plain = xr.open_zarr(series_store, consolidated=False)["embedding_vectors"]   # no terrafm code
     assert plain.rio.crs.to_epsg() == 32618
     assert tuple(plain.rio.transform())[:6] == tuple(emb.rio.transform())[:6]
     x0, y0 = 500000.0, 4100000.0   # make_dataset's corner; patch grid = 16 x 10 m
