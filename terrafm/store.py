@@ -204,12 +204,17 @@ def _open_raster_vectors(path: Path, chunks: dict | str | None) -> xr.DataArray:
 
 
 def _foreign_zarr_vectors(path: Path, ds: xr.Dataset, vector_dim: str | None, variable: str | None) -> xr.DataArray:
-    spatial = [n for n, v in ds.data_vars.items() if {"y", "x"} <= set(v.dims) and v.ndim >= 3]
-    if not spatial:
+    spatial = [n for n, v in ds.data_vars.items()
+               if {"y", "x"} <= set(v.dims) and set(v.dims) - {"time", "y", "x"}
+               and (vector_dim is None or vector_dim in v.dims)]
+    if not spatial and variable is None:
+        shown = {n: v.dims for n, v in list(ds.data_vars.items())[:6]}
         raise ValueError(
-            f"{path} is not an embedding store: no array has spatial dims 'y' and 'x' plus a vector dim (arrays: "
-            f"{ {n: v.dims for n, v in ds.data_vars.items()} }). Rename its dims (ds.rename(lat='y', lon='x')) "
-            "and save it again, or write embeddings with terrafm.embed(..., out=...)")
+            f"{path} is not a terrafm embedding store (no '{EMBEDDING_VAR}' array) nor vectors of another tool: "
+            f"no array has spatial dims 'y' and 'x' plus a vector dim{f' {vector_dim!r}' if vector_dim else ''} "
+            f"(arrays: {shown}"
+            f"{' ...' if len(ds.data_vars) > 6 else ''}). Rename its dims (ds.rename(lat='y', lon='x')) and save "
+            "it again, or write embeddings with terrafm.embed(..., out=...)")
     if variable is None:
         if len(spatial) > 1:
             raise ValueError(f"{path} holds several arrays with spatial dims {spatial}: pass variable= to choose one")

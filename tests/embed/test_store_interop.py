@@ -218,8 +218,10 @@ def test_foreign_zarr_with_other_vector_dim_name(tmp_path, dim):
     np.testing.assert_array_equal(np.asarray(emb.valid), np.isfinite(values).all(0))
     np.testing.assert_allclose(np.asarray(emb)[1:, 1:], np.moveaxis(values, 0, -1)[1:, 1:].astype("float32"))
     assert open_embedding(store).dims == emb.dims   # the only non-spatial dim is found without vector_dim
-    with pytest.raises(ValueError, match="no dim 'nope'"):
+    with pytest.raises(ValueError, match="plus a vector dim 'nope'"):
         open_embedding(store, vector_dim="nope")
+    with pytest.raises(ValueError, match="no dim 'nope'"):
+        open_embedding(store, vector_dim="nope", variable="vectors")
 
 
 def test_foreign_inputs_refused_with_clear_errors(tmp_path):
