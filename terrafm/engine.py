@@ -25,6 +25,8 @@ Examples
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 import queue
 import threading
@@ -197,6 +199,10 @@ class Engine:
         self.compile = bool(compile)
         # compiled once per Engine; the wrapper shares the model's parameters
         self._net = torch.compile(self.model) if self.compile else self.model
+        # models that take check_finite (TerraFM) skip their per-batch NaN check, a device sync:
+        # the engine checks each block on the host instead; other wrappers are called as they are
+        self._forward_options = ({"check_finite": False}
+                                 if "check_finite" in inspect.signature(self.model.forward).parameters else {})
 
     # ------------------------------------------------------------------ reading
     def read_block(self, arrays: Mapping[str, tuple[Any, Any]], grid: ChipGrid, block: Block,
@@ -259,14 +265,18 @@ class Engine:
         per-block device buffers, copied to the host once, with one sync."""
         torch = self._torch
         from .model import autocast
+        from .model.terrafm import check_finite_inputs
 
         n = len(next(iter(images.values())))
+        if self._forward_options:
+            check_finite_inputs(images)  # on the host tensors, once per block, for the model's skipped check
         buffers: list = []
         with torch.inference_mode(), autocast(self.device, self.precision):
             for start in range(0, n, self.batch_size):
                 sl = slice(start, start + self.batch_size)
                 out = self._net({k: v[sl].to(self.device, non_blocking=True) for k, v in images.items()},
-                                masks={k: v[sl].to(self.device, non_blocking=True) for k, v in masks.items()})
+                                masks={k: v[sl].to(self.device, non_blocking=True) for k, v in masks.items()},
+                                **self._forward_options)
                 if level == "chip":
                     parts = (out.cls, out.valid.flatten(1).any(1))
                 else:

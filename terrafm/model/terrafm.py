@@ -36,6 +36,22 @@ class TerraFMOutput:
     valid: torch.Tensor
 
 
+
+def check_finite_inputs(inputs: Mapping[str, torch.Tensor]) -> None:
+    """Refuse NaN/inf inputs, naming the modality.
+
+    A finite sum proves every element finite (NaN and inf propagate) at ~1/100 of the element-wise
+    test's cost; only a non-finite (e.g. overflowing) sum needs that test. The sums of all
+    modalities are read to the host at once (one device sync, not one each).
+    """
+    sums = torch.stack([x.sum(dtype=torch.float32) for x in inputs.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for (key, x), total in zip(inputs.items(), sums.tolist()):
+        if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{key}: input contains NaN or inf; fill nodata/clouds (e.g. with "
+                             "0.5 after normalization) and pass a validity mask in `masks`")
+
 class TerraFM(nn.Module):
     """TerraFM encoder (arXiv 2506.06281) with the released parameter names.
 
@@ -189,7 +205,7 @@ class TerraFM(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, inputs: Mapping[str, torch.Tensor],
-                      masks: Mapping[str, torch.Tensor] | None):
+                      masks: Mapping[str, torch.Tensor] | None, check_finite: bool = True):
         if not isinstance(inputs, Mapping):
             raise TypeError("inputs must be a mapping from modality key to a (B, C, H, W) tensor, "
                             f"e.g. {{'s2_l2a': x}}; got {type(inputs).__name__}")
@@ -224,15 +240,8 @@ class TerraFM(nn.Module):
             elif (b, h, w) != shape:
                 raise ValueError(f"modalities disagree on batch or size: {key} is {(b, h, w)} "
                                  f"(B, H, W) but another is {shape}; co-register and batch them together")
-        # a finite sum proves every element finite (NaN and inf propagate) at ~1/100 of the
-        # element-wise test's cost; only a non-finite (e.g. overflowing) sum needs that test.
-        # The sums of all modalities are read to the host at once (one device sync, not one each).
-        sums = torch.stack([x.sum(dtype=torch.float32) for x in inputs.values()])
-        if not bool(torch.isfinite(sums).all()):
-            for (key, x), total in zip(inputs.items(), sums.tolist()):
-                if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
-                    raise ValueError(f"{key}: input contains NaN or inf; fill nodata/clouds (e.g. with "
-                                     "0.5 after normalization) and pass a validity mask in `masks`")
+        if check_finite:
+            check_finite_inputs(inputs)
         b, h, w = shape
         gh, gw = h // self.patch_size, w // self.patch_size
         patch_valid = {}
@@ -253,8 +262,8 @@ class TerraFM(nn.Module):
         return (b, gh, gw), patch_valid
 
     # ------------------------------------------------------------------ forward
-    def _tokens(self, inputs, masks):
-        (batch, gh, gw), patch_valid = self._check_inputs(inputs, masks)
+    def _tokens(self, inputs, masks, check_finite: bool = True):
+        (batch, gh, gw), patch_valid = self._check_inputs(inputs, masks, check_finite)
         tokens, valid = self.patch_embed(inputs, patch_valid)
         cls = self.cls_token.expand(batch, -1, -1)
         x = torch.cat([cls, tokens], dim=1) + self.interpolate_pos_embed(gh, gw).to(tokens.dtype)
@@ -267,7 +276,7 @@ class TerraFM(nn.Module):
         return x, attn_mask, valid, (batch, gh, gw)
 
     def forward(self, inputs: Mapping[str, torch.Tensor],
-                masks: Mapping[str, torch.Tensor] | None = None) -> TerraFMOutput:
+                masks: Mapping[str, torch.Tensor] | None = None, check_finite: bool = True) -> TerraFMOutput:
         """Encode normalized images of any subset of modalities.
 
         Parameters
@@ -281,12 +290,15 @@ class TerraFM(nn.Module):
             ``MIN_VALID_FRACTION`` of its pixels are). Invalid modality tokens
             take no part in the fusion; positions with no valid modality are excluded from the
             trunk's attention, zeroed, and flagged in ``valid``.
+        check_finite : bool
+            Refuse NaN/inf inputs (reads one sum per modality back to the host: a device sync).
+            ``False`` is for callers that checked on the host already (:class:`terrafm.engine.Engine`).
 
         Returns
         -------
         TerraFMOutput
         """
-        x, attn_mask, valid, (batch, gh, gw) = self._tokens(inputs, masks)
+        x, attn_mask, valid, (batch, gh, gw) = self._tokens(inputs, masks, check_finite)
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask)
         return self._output(self.norm(x), valid, batch, gh, gw)
@@ -294,8 +306,7 @@ class TerraFM(nn.Module):
     def _output(self, x, valid, batch, gh, gw) -> TerraFMOutput:
         patch = x[:, 1:].reshape(batch, gh, gw, -1)
         grid_valid = valid.reshape(batch, gh, gw)
-        if not bool(grid_valid.all()):
-            patch = patch.masked_fill(~grid_valid.unsqueeze(-1), 0.0)
+        patch = patch.masked_fill(~grid_valid.unsqueeze(-1), 0.0)  # unconditional: no host sync
         return TerraFMOutput(cls=x[:, 0], patch=patch, valid=grid_valid)
 
     def get_intermediate_layers(self, inputs: Mapping[str, torch.Tensor],

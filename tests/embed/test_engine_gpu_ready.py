@@ -108,6 +108,29 @@ def test_one_host_sync_per_block_not_per_batch(tiny_model, masked_inputs):
     assert len(syncs) == len(blocks)                  # ... and one sync per block
 
 
+def test_the_nan_check_runs_once_per_block_on_the_host_and_still_refuses(tiny_model, masked_inputs, monkeypatch):
+    """The model's NaN check reads a sum back to the host (a device sync per batch): the engine checks each
+    block on the host tensors instead and tells the model to skip it; a NaN chip is still refused by name."""
+    import terrafm.model.terrafm as terrafm_module
+
+    gbox, arrays = masked_inputs
+    grid = ChipGrid(gbox, 64, 16)
+    engine = Engine(tiny_model, device="cpu", batch_size=1)
+    checked_devices = []
+    original = terrafm_module.check_finite_inputs
+    monkeypatch.setattr(terrafm_module, "check_finite_inputs",
+                        lambda inputs: checked_devices.append({v.device.type for v in inputs.values()})
+                        or original(inputs))
+    blocks = list(engine.run(arrays, grid, "patch", block_chips=2))
+    assert len(checked_devices) == len(blocks) and all(d == {"cpu"} for d in checked_devices)
+    block = plan_blocks(grid, "patch", 2)[0]
+    chips, images, masks = engine.read_block(arrays, grid, block)
+    key = next(iter(images))
+    images[key][0, 0, 3, 5] = np.nan
+    with pytest.raises(ValueError, match=f"{key}: input contains NaN or inf"):
+        engine.process(grid, block, "patch", chips, images, masks)
+
+
 def test_staged_inputs_are_host_tensors_without_pinning_on_cpu(tiny_model):
     engine = Engine(tiny_model, device="cpu")
     array = np.arange(24, dtype="float32").reshape(2, 3, 4)[:, ::-1]     # a non-contiguous view
