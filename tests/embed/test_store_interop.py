@@ -3,6 +3,7 @@ georeferencing, foreign GeoTIFF/zarr vectors through open_embedding, and resume 
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -135,6 +136,12 @@ def test_stac_item_beside_a_finished_store(series_store, series_model):
     assert asset.media_type == "application/vnd+zarr"
     assert asset.get_absolute_href() == str(series_store)
     assert all(u.startswith("https://stac-extensions.github.io/") for u in item.stac_extensions)
+    # pystac bundles the core STAC 1.1 schemas (validated offline); extension schemas need the network
+    core_only = {**json.loads(path.read_text()), "stac_extensions": []}
+    assert pystac.validation.validate_dict(core_only) == [
+        "https://schemas.stacspec.org/v1.1.0/item-spec/json-schema/item.json"]
+    with pytest.raises(pystac.errors.STACValidationError):
+        pystac.validation.validate_dict({**core_only, "bbox": "whole world"})
     # rewriting replaces our own Item; a foreign file there is kept unless overwrite=True
     assert write_stac_item(series_store) == path
     foreign = series_store.with_name("other.zarr.stac-item.json")
