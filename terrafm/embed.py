@@ -756,7 +756,7 @@ def embed(ds: xr.Dataset | xr.DataArray, model: Any = "terrafm_base", weights: s
         result = open_embedding(target)
         from .store import write_stac_item
 
-        write_stac_item(target)   # <out>.stac-item.json: the finished store, for catalogs
+        write_stac_item(target)   # <out>/stac-item.json: the finished store, for catalogs
     else:
         lead = ("time",) if has_time else ()
         sq = (lambda a: a) if has_time else (lambda a: a[0])
