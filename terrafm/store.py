@@ -496,23 +496,29 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False, reads: It
         raise
 
 
-# ---------------------------------------------------------------------- STAC Item beside a store
+# ---------------------------------------------------------------------- STAC Item inside a store
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
 STAC_EXTENSIONS = ("https://stac-extensions.github.io/projection/v2.0.0/schema.json",
                    "https://stac-extensions.github.io/datacube/v2.2.0/schema.json",
                    "https://stac-extensions.github.io/mlm/v1.4.0/schema.json")
 
 
+STAC_ITEM_NAME = "stac-item.json"
+
+
 def stac_item_path(store_path: str | os.PathLike) -> Path:
-    """Where :func:`write_stac_item` puts a store's STAC Item: ``<store>.stac-item.json`` beside it.
+    """Where :func:`write_stac_item` puts a store's STAC Item: ``<store>/stac-item.json``.
+
+    Inside the store, so the store stays one path: it moves, copies, is replaced
+    (``overwrite=True``) and deleted with its Item, and a write leaves nothing beside ``out=``.
+    zarr ignores the file.
 
     Examples
     --------
-    >>> stac_item_path("/data/aoi.zarr").name
-    'aoi.zarr.stac-item.json'
+    >>> stac_item_path("/data/aoi.zarr").as_posix()
+    '/data/aoi.zarr/stac-item.json'
     """
-    path = Path(store_path)
-    return path.with_name(path.name + ".stac-item.json")
+    return Path(store_path) / STAC_ITEM_NAME
 
 
 def _iso(value: Any) -> str:
@@ -540,8 +546,9 @@ def _stac_item_dict(store: Path) -> dict:
     if "time" in emb.dims:
         times = sorted(emb["time"].values)
         props.update(datetime=None, start_datetime=_iso(times[0]), end_datetime=_iso(times[-1]))
-    else:   # no acquisition time recorded: the time the store was written
-        props["datetime"] = _iso(np.datetime64(int(store.stat().st_mtime * 1e9), "ns"))
+    else:   # no acquisition time recorded: when the store was created (its root metadata, written once)
+        root = next(f for f in (store / "zarr.json", store / ".zgroup", store / ".zattrs") if f.is_file())
+        props["datetime"] = _iso(np.datetime64(int(root.stat().st_mtime * 1e9), "ns"))
     epsg = gbox.crs.epsg
     props["proj:code"] = f"EPSG:{epsg}" if epsg else None
     if not epsg:
@@ -584,7 +591,7 @@ def _stac_item_dict(store: Path) -> dict:
         "type": "Feature", "stac_version": "1.1.0", "stac_extensions": list(STAC_EXTENSIONS),
         "id": store.name.removesuffix(".zarr"),
         "geometry": footprint.json, "bbox": lon_lat_bbox, "properties": props, "links": [],
-        "assets": {"data": {"href": f"./{store.name}", "type": ZARR_MEDIA_TYPE, "roles": ["data"],
+        "assets": {"data": {"href": "./", "type": ZARR_MEDIA_TYPE, "roles": ["data"],   # the folder holding the Item
                             "title": f"TerraFM embeddings ({model})"}},
     }
 
@@ -600,7 +607,7 @@ def _stored_run_attrs(store: Path) -> dict:
 
 
 def write_stac_item(store_path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a STAC Item describing an embedding store beside it (:func:`stac_item_path`).
+    """Write a STAC Item describing an embedding store into it (:func:`stac_item_path`).
 
     The Item (STAC 1.1) has the store's footprint in lon/lat (``geometry``, ``bbox``), its dates
     (``start_datetime``/``end_datetime`` of a series; otherwise the time the store was written), the
@@ -608,8 +615,8 @@ def write_stac_item(store_path: str | os.PathLike, overwrite: bool = False) -> P
     datacube extension for its dims (the ``embedding`` dim stands for bands), ml-model fields
     (``mlm:name``) with ``terrafm:weights`` (weights hash), ``terrafm:fusion``, ``terrafm:level`` and
     ``terrafm:input_items``, and a ``data`` asset pointing at the store (``application/vnd+zarr``).
-    ``terrafm.embed(out=...)`` calls it when a store is complete. An existing Item of the same store
-    is replaced; another file at that path only with ``overwrite=True``. Written atomically.
+    ``terrafm.embed(out=...)`` calls it when a store is complete. An earlier terrafm Item there (also
+    one copied with the store) is replaced; another file only with ``overwrite=True``. Written atomically.
 
     Raises
     ------
@@ -635,7 +642,7 @@ def write_stac_item(store_path: str | os.PathLike, overwrite: bool = False) -> P
     if target.is_file():
         with contextlib.suppress(ValueError, OSError):
             old = json.loads(target.read_text())
-            ours = old.get("id") == item["id"] and old.get("assets", {}).get("data", {}).get("href") == f"./{store.name}"
+            ours = old.get("type") == "Feature" and old.get("assets", {}).get("data", {}).get("type") == ZARR_MEDIA_TYPE
     with atomic_output(target, overwrite=overwrite or ours, what="STAC Item") as tmp:
         tmp.write_text(json.dumps(item, indent=1))
     logger.info("wrote %s", target)

@@ -142,16 +142,20 @@ def test_stac_item_beside_a_finished_store(series_store, series_model):
         "https://schemas.stacspec.org/v1.1.0/item-spec/json-schema/item.json"]
     with pytest.raises(pystac.errors.STACValidationError):
         pystac.validation.validate_dict({**core_only, "bbox": "whole world"})
-    # rewriting replaces our own Item; a foreign file there is kept unless overwrite=True
+    # rewriting replaces a terrafm Item (also one copied with the store); another file only with overwrite=True
     assert write_stac_item(series_store) == path
-    foreign = series_store.with_name("other.zarr.stac-item.json")
-    foreign.write_text("{}")
     import shutil
 
-    shutil.copytree(series_store, series_store.with_name("other.zarr"))
+    other = series_store.with_name("other.zarr")
+    shutil.copytree(series_store, other)
+    assert pystac.Item.from_file(str(write_stac_item(other))).id == "other"
+    stac_item_path(other).write_text("{}")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        write_stac_item(series_store.with_name("other.zarr"))
-    assert foreign.read_text() == "{}"
+        write_stac_item(other)
+    assert stac_item_path(other).read_text() == "{}"
+    assert write_stac_item(other, overwrite=True) == stac_item_path(other)
+    # zarr and open_embedding ignore the Item inside the store
+    np.testing.assert_array_equal(np.asarray(open_embedding(other)), np.asarray(open_embedding(series_store)))
 
 
 def test_store_georeferencing_with_plain_xarray_rioxarray(series_store):
