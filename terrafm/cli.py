@@ -315,7 +315,6 @@ _PERIODS = {"monthly": "month", "month": "month", "seasonal": "season", "season"
 
 def _check_embed_options(args) -> dict:
     """The embed options of this command as ``embed`` keyword arguments, each checked by its owner's rule."""
-    from .model.device import autocast_dtype
     from .sensors import get_modality
     from .tiling import ChipGrid, resolve_margin
 
@@ -340,9 +339,6 @@ def _check_embed_options(args) -> dict:
                 get_modality(key)
             except KeyError as exc:
                 raise CommandError(f"--modalities: {exc.args[0]}") from None
-    import torch
-
-    autocast_dtype(torch.device("cpu"), args.precision)   # the names are choices; this is the owner's check
     return {"chip_size": args.chip_size, "overlap": overlap, "batch_size": args.batch_size,
             "precision": args.precision,
             "modalities": [get_modality(k).key for k in args.modalities] if args.modalities else None}
@@ -480,6 +476,10 @@ def _cmd_change(args) -> int:
         raise CommandError(f"{args.store} holds a single date; pass a second store (terrafm change A B) or a "
                            "time-series store")
     if not series:
+        for option, path, emb in (("STORE", args.store, emb_a), ("STORE_B", args.store_b, emb_b)):
+            if emb.sizes.get("time", 1) > 1:
+                raise CommandError(f"{option} {path} is a series of {emb.sizes['time']} dates; compare two "
+                                   "single-date stores, or pass the series alone (consecutive dates)")
         emb_a = _one_date(emb_a, None, "change")
         emb_b = _one_date(emb_b, None, "change")
     if args.first_change is not None and not series:
@@ -527,7 +527,7 @@ def _read_labels(path: str, column: str):
                            "polygons")
     try:
         labels = gpd.read_parquet(file) if file.suffix.lower() in (".parquet", ".geoparquet") else gpd.read_file(file)
-    except Exception as exc:   # the readers' own errors: a file that is not vector data
+    except (OSError, ValueError, RuntimeError) as exc:   # pyogrio / pyarrow: not vector data
         raise CommandError(f"--labels {path}: cannot read it as points/polygons ({_one_line(exc)})") from None
     if column not in labels.columns:
         found = [c for c in labels.columns if c != labels.geometry.name]
