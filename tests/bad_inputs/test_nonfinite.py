@@ -99,6 +99,19 @@ def test_embed_refuses_a_model_object_with_non_finite_parameters(tensor, value):
     assert calls == []
 
 
+def test_finite_weights_whose_sum_overflows_are_not_flagged_and_a_nan_among_them_is():
+    from terrafm.model.weights import non_finite_tensors
+
+    big = torch.full((4,), 3e38)                  # each value finite, the float32 sum is inf
+    assert not torch.isfinite(big.sum())
+    assert non_finite_tensors({"big": big, "n": torch.tensor([1, 2])}) == ""
+    poisoned = big.clone()
+    poisoned[2] = float("nan")
+    assert non_finite_tensors({"big": big, "bad": poisoned}) == "bad (1 of 4 values NaN/inf)"
+    half = torch.tensor([float("-inf"), 1.0], dtype=torch.float16)
+    assert non_finite_tensors({"h": half}) == "h (1 of 2 values NaN/inf)"
+
+
 # ------------------------------------------------------------------ every non-finite output is invalid
 class Poisoned(torch.nn.Module):
     """The tiny model, with NaN/inf written into known output positions (finite parameters)."""
