@@ -95,7 +95,7 @@ def run_demo(weights: str = "hf", out: str = "terrafm-demo", device: str = "auto
     from .analysis import to_rgb
 
     sample = load_demo()
-    emb = embed(sample, model=model, chip_size=224, overlap=48, device=device,
+    emb = embed(sample, model=model, chip_size=224, device=device,
                 out=outdir / "embeddings.zarr", batch_size=4)
     _save_picture(sample, to_rgb(emb, method="pca", seed=0), outdir / "pca.png")
     logger.info("wrote %s and %s", outdir / "embeddings.zarr", outdir / "pca.png")
