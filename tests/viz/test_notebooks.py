@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -45,7 +46,8 @@ _report(error=app.error, times=[str(t) for t in emb.time.values], threshold=app.
         slider_dates=len(series_app.time_slider.options), series_dims=list(series.dims),
         series_first=_np.asarray(series_app.series.first_change_index.values).tolist(),
         notebook_first=_np.asarray(first.first_change_index.values).tolist(),
-        n_changed=int((first.first_change_index >= 0).sum()), store=str(SERIES_STORE))
+        n_changed=int((first.first_change_index >= 0).sum()), store=str(SERIES_STORE),
+        series_x=series.x.values.tolist(), series_y=series.y.values.tolist(), series_crs=series.rio.crs.to_epsg())
 """,
     "04_similarity_search.ipynb": """
 import numpy as _np
@@ -359,9 +361,30 @@ def test_change_detection(offline_stack):
     assert r["series_error"] is None and r["series_dims"] == ["time", "y", "x", "embedding"]
     assert len(r["series_times"]) == r["slider_dates"] >= 3
     assert r["series_first"] == r["notebook_first"]
-    # every test date is the same real L1C scene (per-date gain, clouds): nothing changed on the ground, and
-    # no position passes as a persistent change (a one-date departure, e.g. the winter date, is not one)
-    assert r["n_changed"] == 0, r["series_times"]
+    # every test date is the same real L1C scene (per-date gain, clouds) except the scene's one known change
+    # (tests/support/scene.py: from the change date on, an 840 m block of marsh holds a field's real pixels):
+    # every cell wholly inside the block changes persistently on that date, and no cell clear of it does
+    scene = offline_stack.scene
+    first = np.asarray(r["series_first"])
+    inside, touching = _cells_in_block(r["series_x"], r["series_y"], scene.change_bounds)
+    assert r["series_crs"] == scene.epsg and inside.sum() >= 12, inside.sum()
+    change_index = [t[:10] for t in r["series_times"]].index(str(scene.change_date.date()))
+    assert (first[inside] == change_index).all(), first
+    assert np.isin(first[touching], (-1, change_index)).all(), first
+    assert (first[~touching] == -1).all(), first
+    assert r["n_changed"] == int((first >= 0).sum())
+
+
+def _cells_in_block(x, y, bounds):
+    """Masks (y, x) of the grid cells (centres ``x``, ``y``) wholly inside ``bounds``, and touching it."""
+    x, y = np.asarray(x), np.asarray(y)
+    half_x, half_y = abs(x[1] - x[0]) / 2, abs(y[1] - y[0]) / 2
+    left, bottom, right, top = bounds
+    inside = ((y[:, None] - half_y >= bottom) & (y[:, None] + half_y <= top)
+              & (x[None] - half_x >= left) & (x[None] + half_x <= right))
+    touching = ((y[:, None] + half_y > bottom) & (y[:, None] - half_y < top)
+                & (x[None] + half_x > left) & (x[None] - half_x < right))
+    return inside, touching
 
 
 def test_similarity_search(offline_stack):
