@@ -3,7 +3,9 @@ bundles) through the offline launcher (notebooks/offline.py: offline copies of t
 local stand-ins' environment for the Voila process and its kernels) and opened in Debian's headless
 Chromium through Playwright: the map is not blank, the
 embedding overlay is there, a slider moved in the page redraws the change layer in the kernel, and
-a mouse click on the map runs a similarity query (a click beside the data shows a message).
+a mouse click on the map runs a similarity query (a click beside the data shows a message), and
+clicks on notebook 03's series map plot a position's distance over time: the red change-date line
+on the test scene's known change (tests/support/scene.py), none far from it.
 
 Set TERRAFM_UPDATE_SCREENSHOTS=1 to copy the screenshots to docs/ (they are shown in README).
 """
@@ -11,7 +13,9 @@ Set TERRAFM_UPDATE_SCREENSHOTS=1 to copy the screenshots to docs/ (they are show
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -149,7 +153,7 @@ def test_quickstart_map_renders_with_the_embedding_layer(browser_context, offlin
         voila.stop()
 
 
-def test_change_explorer_in_the_browser(browser_context, offline_copies, voila_env, tmp_path):
+def test_change_explorer_in_the_browser(browser_context, offline_copies, voila_env, offline_stack, tmp_path):
     voila = Voila(offline_copies / "03_change_detection.ipynb", voila_env, tmp_path)
     try:
         page = _open(browser_context, voila, timeout_ms=300_000)  # Voila runs every cell first: two embeds
@@ -173,24 +177,27 @@ def test_change_explorer_in_the_browser(browser_context, offline_copies, voila_e
         after = maps[0].query_selector_all("img.leaflet-image-layer")[-1].get_attribute("src")
         assert after != before, "the changed layer was not redrawn"
         assert float(readout) > 0
-        _series_click(page, maps[1], tmp_path)
+        _series_click(page, maps[1], offline_stack.scene, tmp_path)
     finally:
         voila.stop()
 
 
-def _series_click(page, series_map, tmp_path: Path) -> None:
-    """The series app: a click in the data draws that position's distance over time in the bqplot figure
-    (one point per date, the dashed threshold) and names its first persistent change, or that there is none."""
-    series_map.scroll_into_view_if_needed()
-    page.wait_for_timeout(300)
-    images = series_map.query_selector_all("img.leaflet-image-layer")
-    assert len(images) == 4  # the first-last pair (distance, changed), first persistent change, distance to baseline
-    box = images[-1].bounding_box()
-    slider_dates = page.query_selector_all(".widget-slider")[-1].inner_text()
-    assert slider_dates.strip(), "the date slider shows no date"
-    messages = page.query_selector_all(".terrafm-message")
-    before = messages[-1].inner_text()
-    page.mouse.click(box["x"] + 0.45 * box["width"], box["y"] + 0.55 * box["height"])
+LONLAT = re.compile(r"\((-?\d+\.\d+), (-?\d+\.\d+)\)")
+TRAJECTORY, THRESHOLD, CHANGE = "31, 119, 180", "136, 136, 136", "214, 39, 40"  # bqplot line colours (RGB)
+
+
+def _mercator_y(lat: float) -> float:
+    return math.log(math.tan(math.pi / 4 + math.radians(lat) / 2))
+
+
+def _click_series(page, series_map, x: float, y: float) -> tuple[str, tuple[float, float], dict]:
+    """Click the series map at page point (x, y); wait for the kernel's answer and the redrawn plot.
+    Returns the message, the (lon, lat) it names and the plot's lines by colour (style, points, shown)."""
+    map_box = series_map.bounding_box()  # clear of the map's corner controls
+    assert map_box["x"] + 60 < x < map_box["x"] + map_box["width"] - 60, (x, map_box)
+    assert map_box["y"] + 90 < y < map_box["y"] + map_box["height"] - 60, (y, map_box)
+    before = page.query_selector_all(".terrafm-message")[-1].inner_text()
+    page.mouse.click(x, y)
     page.wait_for_function(
         "(before) => { const m = [...document.querySelectorAll('.terrafm-message')].pop();"
         " return m && m.innerText !== before && m.innerText.includes('persistent change'); }",
@@ -198,20 +205,95 @@ def _series_click(page, series_map, tmp_path: Path) -> None:
     message = page.query_selector_all(".terrafm-message")[-1].inner_text()
     assert page.query_selector(".terrafm-error") is None, message
     figure = page.query_selector_all(".bqplot")[-1]
-    page.wait_for_function("(f) => f.textContent.includes('distance to baseline at row')", arg=figure,
-                           timeout=30_000)
+    # the change line's visibility is the last thing the click changes in the figure
+    page.wait_for_function(
+        "([f, want]) => { const p = [...f.querySelectorAll('path.line')].find("
+        "  q => (q.getAttribute('style') || '').includes('214, 39, 40'));"
+        " return p && (p.closest('g[style*=\"display: none\"]') === null) === want; }",
+        arg=[figure, "First persistent change" in message], timeout=30_000)
     lines = figure.evaluate(
         "f => [...f.querySelectorAll('path.line')].map(p => ({style: p.getAttribute('style') || '',"
-        " vertices: (p.getAttribute('d') || '').split(/[ML]/).length - 1,"
-        " shown: p.closest('g[style*=\"display: none\"]') === null}))")
-    by_colour = {colour: [line for line in lines if colour in line["style"]]
-                 for colour in ("31, 119, 180", "136, 136, 136", "214, 39, 40")}
-    trajectory, threshold, change = (by_colour[c][0] for c in ("31, 119, 180", "136, 136, 136", "214, 39, 40"))
-    assert trajectory["shown"] and trajectory["vertices"] >= 3        # one vertex per valid date
-    assert len(figure.query_selector_all("path.dot")) == trajectory["vertices"]
-    assert threshold["shown"] and "dasharray: 10" in threshold["style"]
-    assert change["shown"] == ("First persistent change" in message), (change, message)
+        " d: p.getAttribute('d') || '', shown: p.closest('g[style*=\"display: none\"]') === null}))")
+    by_colour = {}
+    for colour in (TRAJECTORY, THRESHOLD, CHANGE):
+        line = next(line for line in lines if colour in line["style"])
+        points = [(float(a), float(b)) for a, b in re.findall(r"[ML]\s*(-?[\d.e+-]+)[ ,]\s*(-?[\d.e+-]+)", line["d"])]
+        by_colour[colour] = {**line, "points": points}
+    found = LONLAT.search(message)
+    assert found, message
+    return message, (float(found.group(1)), float(found.group(2))), by_colour
+
+
+def _series_click(page, series_map, scene, tmp_path: Path) -> None:
+    """The series app: a click draws that position's distance over time in the bqplot figure (one point
+    per date, the dashed threshold) and names its first persistent change, or that there is none.
+
+    Far from the test scene's known change (``scene.change_bounds``: an 840 m block that changed on
+    ``scene.change_date``) the red change line stays hidden. Two such clicks also measure the page ->
+    lon/lat mapping the map itself uses (the lon/lat the kernel reports; Web Mercator is linear in page
+    pixels on each axis), which places a third click in the middle of the block: its message names the
+    change date and the red line stands on the trajectory's vertex of that date."""
+    from pyproj import Transformer
+
+    series_map.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    images = series_map.query_selector_all("img.leaflet-image-layer")
+    assert len(images) == 4  # the first-last pair (distance, changed), first persistent change, distance to baseline
+    box = images[-1].bounding_box()
+    first_change_src = images[2].get_attribute("src")
+    slider_dates = page.query_selector_all(".widget-slider")[-1].inner_text()
+    assert slider_dates.strip(), "the date slider shows no date"
+    to_utm = Transformer.from_crs(4326, scene.epsg, always_xy=True)
+    left, bottom, right, top = scene.change_bounds
+
+    # 1. far from the block (west and south of it; clear on every date): no persistent change, red line hidden
+    clicks = []
+    for fx, fy in ((0.12, 0.88), (0.85, 0.72)):
+        x, y = round(box["x"] + fx * box["width"]), round(box["y"] + fy * box["height"])
+        message, lonlat, lines = _click_series(page, series_map, x, y)
+        ux, uy = to_utm.transform(*lonlat)
+        assert not (left - 300 < ux < right + 300 and bottom - 300 < uy < top + 300), (lonlat, scene.change_bounds)
+        assert "No persistent change" in message, message
+        assert not lines[CHANGE]["shown"], message
+        assert _alpha_at(first_change_src, images[2].bounding_box(), x, y) == 0  # the change layer agrees
+        trajectory, threshold = lines[TRAJECTORY], lines[THRESHOLD]
+        assert trajectory["shown"] and len(trajectory["points"]) >= 3     # one vertex per valid date
+        assert threshold["shown"] and "dasharray: 10" in threshold["style"]
+        clicks.append(((x, y), lonlat))
+
+    # 2. the middle of the block, placed with the mapping the two clicks measured
+    ((x1, y1), (lon1, lat1)), ((x2, y2), (lon2, lat2)) = clicks
+    lon, lat = Transformer.from_crs(scene.epsg, 4326, always_xy=True).transform((left + right) / 2, (bottom + top) / 2)
+    x = x1 + (lon - lon1) * (x2 - x1) / (lon2 - lon1)
+    y = y1 + (_mercator_y(lat) - _mercator_y(lat1)) * (y2 - y1) / (_mercator_y(lat2) - _mercator_y(lat1))
+    x, y = round(x), round(y)
+    message, lonlat, lines = _click_series(page, series_map, x, y)
+    ux, uy = to_utm.transform(*lonlat)
+    assert abs(ux - (left + right) / 2) < 40 and abs(uy - (bottom + top) / 2) < 40, (lonlat, scene.change_bounds)
+    assert f"First persistent change: {scene.change_date.date()}." in message, message
+    assert _alpha_at(first_change_src, images[2].bounding_box(), x, y) > 0
+    trajectory, change = lines[TRAJECTORY], lines[CHANGE]
+    figure = page.query_selector_all(".bqplot")[-1]
+    assert len(figure.query_selector_all("path.dot")) == len(trajectory["points"]) >= 3
+    # the block is clear on every date, so its trajectory has a vertex for each series date; the dates
+    # before the change (the baseline and those up to change_step) are all in the series
+    assert change["shown"] and len(change["points"]) == 2 and change["points"][0][0] == change["points"][1][0]
+    change_x = change["points"][0][0]
+    vertex_x = trajectory["points"][scene.change_step][0]
+    assert abs(change_x - vertex_x) < 1.0, (change_x, [p[0] for p in trajectory["points"]])
+    assert all(abs(change_x - p[0]) > 10 for i, p in enumerate(trajectory["points"]) if i != scene.change_step)
     (tmp_path / "series_trajectory.png").write_bytes(figure.screenshot())
+
+
+def _alpha_at(src: str, box: dict, x: float, y: float) -> int:
+    """Opacity (0-255) of the overlay picture ``src`` (drawn in ``box``) at page point (x, y)."""
+    import base64
+
+    from PIL import Image
+
+    rgba = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGBA"))
+    h, w = rgba.shape[:2]
+    return int(rgba[int((y - box["y"]) / box["height"] * h), int((x - box["x"]) / box["width"] * w), 3])
 
 
 def _png_pixels(src: str) -> np.ndarray:
