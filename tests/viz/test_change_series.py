@@ -1,6 +1,7 @@
 """ChangeExplorer over a series: time slider over every date, first-persistent-change layer, and the
 distance-over-time plot of a clicked position with its change date marked (checked against a numpy
-recomputation of the distance to the baseline)."""
+recomputation of the distance to the baseline). Also on the real test scene's known change
+(tests/support/scene.py), embedded as notebook 03 does offline."""
 
 from __future__ import annotations
 
@@ -86,3 +87,73 @@ def test_two_dates_keep_the_pair_explorer_only(series):
     assert app.error is None and app.series is None and not hasattr(app, "time_slider")
     app.set_step(0)
     assert "at least three dates" in app.error
+
+
+# ---------------------------------------------------------------------- the test scene's known change
+@pytest.fixture(scope="module")
+def scene_series(stac_api_url, sentinel_scene):
+    """Notebook 03's offline series, embedded here: the 2021 S2 dates of the test scene at least half
+    clear over the offline BBOX (notebooks/offline.py: a 2.5 km square, a quarter of ``aoi_bbox``, in
+    the middle of the scene), untrained terrafm_tiny (160 m cells)."""
+    import terrafm
+
+    west, south, east, north = sentinel_scene.aoi_bbox
+    cx, cy, hx, hy = (west + east) / 2, (south + north) / 2, (east - west) / 4, (north - south) / 4
+    bbox = (cx - hx, cy - hy, cx + hx, cy + hy)
+    items = terrafm.stac.search(bbox, "2021-06-04/2021-07-16", collections=("sentinel-2-l2a",), url=stac_api_url,
+                                max_cloud=60)
+    ds = terrafm.stac.load(items, bbox)
+    clear = ds.mask_s2_l2a.mean(("y", "x")).compute()
+    ds = ds.sel(time=clear.time[clear > 0.5])
+    return terrafm.embed(ds, model="terrafm_tiny", weights="random", modalities=["s2_l2a"], device="cpu",
+                         progress=False)
+
+
+def _cells(emb, bounds):
+    """(y, x) masks of the cells wholly inside ``bounds`` (scene CRS) and of those touching it."""
+    x, y = emb["x"].values, emb["y"].values
+    hx, hy = abs(x[1] - x[0]) / 2, abs(y[1] - y[0]) / 2
+    left, bottom, right, top = bounds
+    inside = (y[:, None] - hy >= bottom) & (y[:, None] + hy <= top) & (x[None] - hx >= left) & (x[None] + hx <= right)
+    touching = (y[:, None] + hy > bottom) & (y[:, None] - hy < top) & (x[None] + hx > left) & (x[None] - hx < right)
+    return inside, touching
+
+
+def test_the_scene_change_is_found_on_its_date_and_only_there(scene_series, sentinel_scene):
+    from pyproj import Transformer
+
+    scene, emb = sentinel_scene, scene_series
+    days = [str(t)[:10] for t in emb["time"].values]
+    assert days == ["2021-06-05", "2021-06-15", "2021-07-15"]  # 06-25 and 07-05 are less than half clear
+    k = days.index(str(scene.change_date.date()))
+    assert k == scene.change_step
+    app = ChangeExplorer(emb, baseline=1, min_steps=2)
+    assert app.error is None, app.message.value
+    first = app.series["first_change_index"].values
+    inside, touching = _cells(emb, scene.change_bounds)
+    assert inside.sum() >= 12
+    assert (first[inside] == k).all(), first
+    assert np.isin(first[touching], (-1, k)).all(), first
+    unchanged = float((first[~touching] == -1).mean())
+    assert unchanged >= 0.9, (unchanged, first)
+
+    # a click in the middle of the block: the change date, and the trajectory recomputed in numpy
+    left, bottom, right, top = scene.change_bounds
+    lon, lat = Transformer.from_crs(scene.epsg, 4326, always_xy=True).transform((left + right) / 2,
+                                                                               (bottom + top) / 2)
+    click(app, lon, lat)
+    assert app.error is None, app.message.value
+    row, col = app.clicked
+    assert inside[row, col]
+    expected = _baseline_distance(emb.values, row, col)
+    np.testing.assert_allclose(app.trajectory["baseline_distance"].values, expected, atol=1e-6)
+    threshold = float(app.series.attrs["threshold"])
+    assert (expected[:k] <= threshold).all() and (expected[k:] > threshold).all(), (expected, threshold)
+    assert app.change_date == np.datetime64(scene.change_date, "ns") and app.trajectory_change.visible
+    assert f"First persistent change: {scene.change_date.date()}." in app.message.value
+
+    # a click 1 km west of the block (same rows): unchanged
+    click(app, *Transformer.from_crs(scene.epsg, 4326, always_xy=True).transform(left - 1000, (bottom + top) / 2))
+    assert app.error is None, app.message.value
+    assert np.isnat(app.change_date) and not app.trajectory_change.visible
+    assert "No persistent change" in app.message.value
