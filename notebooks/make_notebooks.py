@@ -130,7 +130,9 @@ NOTEBOOKS = {
                "not a change.\n\n"
                "Drag the **date** slider to see each date's distance to the baseline; **click the map** to "
                "plot that position's distance over time, with the threshold dashed and its change date in "
-               "red."),
+               "red. (Offline, `notebooks/offline.py`'s test scene holds one known change: from 2021-06-15 "
+               "an 840 m square of salt marsh in the upper right of the area shows a field's real pixels; "
+               "click it to see that date marked.)"),
         ("code", "series_items = terrafm.stac.search(BBOX, SERIES, collections=(\"sentinel-2-l2a\",), url=CATALOG_URL,\n"
                  "                                   max_cloud=60)\n"
                  "series_ds = terrafm.stac.load(series_items, BBOX)\n"
