@@ -31,7 +31,7 @@ import xarray as xr
 from . import prepare, sensors
 from .engine import ModalityInput
 from .store import (EMBEDDING_VAR, check_output_path, open_embedding, replace_with, serialisable_attrs,
-                    sources_of, temporary_sibling)
+                    sources_of, temporary_sibling, write_zarr)
 from .sensors import PATCH_SIZE
 
 __all__ = ["embed", "prepare_inputs"]
@@ -310,7 +310,7 @@ def _create_store(path: Path, template: xr.Dataset) -> None:
     tmp = temporary_sibling(path, "creating")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        template.to_zarr(tmp, compute=False, consolidated=False, mode="w-")
+        write_zarr(template, tmp, compute=False, consolidated=False, mode="w-")
         os.rename(tmp, path)
     except BaseException:
         import shutil

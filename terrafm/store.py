@@ -29,7 +29,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import xarray as xr
 
-__all__ = ["EMBEDDING_VAR", "IncompleteStoreWarning", "open_embedding", "embedding_to_dataset",
+__all__ = ["EMBEDDING_VAR", "ZARR_FORMAT", "IncompleteStoreWarning", "open_embedding", "embedding_to_dataset",
+           "with_cf_georeferencing", "write_zarr",
            "serialisable_attrs", "sources_of", "check_output_path", "atomic_output", "is_zarr_store",
            "write_stac_item", "stac_item_path"]
 
@@ -37,6 +38,59 @@ logger = logging.getLogger(__name__)
 
 EMBEDDING_VAR = "embedding_vectors"
 """Name of the embedding array inside a zarr store."""
+
+ZARR_FORMAT = 2
+"""Zarr format of the stores terrafm writes. Version 2 because GDAL (3.10, the one rasterio and
+QGIS ship) cannot decode zarr-python 3's version-3 codecs ("Unsupported codec: bytes"); stores of
+either version are read."""
+
+_CF_AXES = {"x": ("projection_x_coordinate", "longitude", "degrees_east"),
+            "y": ("projection_y_coordinate", "latitude", "degrees_north")}
+
+
+def with_cf_georeferencing(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with the CF attributes GDAL's zarr driver georeferences by: ``standard_name`` on the
+    ``x``/``y`` coordinates (``projection_x_coordinate``, or ``longitude``/``latitude`` in a
+    geographic CRS), so it takes them as the raster's columns and rows and the other dims
+    (``embedding``, ``time``) as bands instead of the last two dims; and ``grid_mapping`` on every
+    data variable over ``y``/``x`` naming the ``spatial_ref`` coordinate (the CRS). ``ds`` is not
+    modified.
+
+    Examples
+    --------
+    >>> ds = xr.Dataset({"v": (("y", "x"), np.zeros((1, 2)))}, coords={"x": [5.0, 15.0], "y": [5.0]})
+    >>> out = with_cf_georeferencing(ds.assign_coords(spatial_ref=0))
+    >>> out["x"].attrs["standard_name"], out["v"].attrs["grid_mapping"], "standard_name" in ds["x"].attrs
+    ('projection_x_coordinate', 'spatial_ref', False)
+    """
+    geographic = False
+    if "spatial_ref" in ds.coords and ds["spatial_ref"].attrs.get("crs_wkt"):
+        from pyproj import CRS
+
+        geographic = CRS.from_wkt(ds["spatial_ref"].attrs["crs_wkt"]).is_geographic
+    out = ds.copy()
+    for dim, (projected, angular, unit) in _CF_AXES.items():
+        if dim in out.coords:
+            attrs = dict(out[dim].attrs, standard_name=angular if geographic else projected)
+            if geographic:
+                attrs["units"] = unit
+            out[dim] = out[dim].copy()
+            out[dim].attrs = attrs
+    if "spatial_ref" in out.coords:
+        for name, var in out.data_vars.items():
+            if {"y", "x"} <= set(var.dims):
+                # as an attribute, not xarray's encoding: then xarray also lists spatial_ref in the
+                # variable's "coordinates", which plain xr.open_zarr + rioxarray read the CRS from
+                out[name].encoding = {k: v for k, v in var.encoding.items() if k != "grid_mapping"}
+                out[name].attrs = dict(var.attrs, grid_mapping="spatial_ref")
+    return out
+
+
+def write_zarr(ds: xr.Dataset, path: str | os.PathLike, **to_zarr_kwargs: Any) -> Any:
+    """``ds.to_zarr(path, ...)`` in the layout every terrafm store has: :data:`ZARR_FORMAT`, CF axes
+    (:func:`with_cf_georeferencing`) and the CF ``spatial_ref`` coordinate ``ds`` carries, so GDAL, rioxarray
+    and xarray read it georeferenced."""
+    return with_cf_georeferencing(ds).to_zarr(path, zarr_format=ZARR_FORMAT, **to_zarr_kwargs)
 
 
 def serialisable_attrs(attrs: dict) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from ..store import (atomic_output, check_output_path, embedding_to_dataset, serialisable_attrs, sources_of,
-                     temporary_sibling)
+                     temporary_sibling, write_zarr)
 from ._grid import EMBEDDING_DIM, check_embedding, is_lazy
 from .cluster import require_some_valid, valid_flags
 
@@ -144,7 +144,7 @@ def to_zarr(obj: xr.DataArray | xr.Dataset, path: str | Path, mode: str = "w", o
                          "(add to an existing store)")
     if mode in ("w", "w-"):
         with atomic_output(path, overwrite=overwrite and mode == "w", reads=sources_of(obj)) as tmp:
-            ds.to_zarr(tmp, mode="w-")
+            write_zarr(ds, tmp, mode="w-")
     else:
         check_output_path(path, overwrite=True, reads=sources_of(obj) if mode == "r+" else ())
         ds.to_zarr(path, mode=mode)

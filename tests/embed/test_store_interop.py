@@ -169,6 +169,84 @@ def test_store_georeferencing_with_plain_xarray_rioxarray(series_store):
     assert tuple(plain.rio.transform())[:6] == (160.0, 0.0, x0, 0.0, -160.0, y0)
 
 
+def _gdal_bands(path: Path, variable: str = "embedding_vectors") -> dict:
+    """The store's array through GDAL's zarr driver (rasterio's GDAL), with no open options."""
+    import rasterio
+
+    with rasterio.open(f'ZARR:"{path}":/{variable}') as src:
+        return {"count": src.count, "shape": (src.height, src.width), "crs": src.crs,
+                "transform": tuple(src.transform)[:6], "tags": [src.tags(b) for b in range(1, src.count + 1)],
+                "values": src.read()}
+
+
+def test_series_store_opens_in_gdal_as_a_band_per_date_and_component(series_store):
+    """GDAL takes x/y as the raster axes (CF standard_name) and (time, embedding) as bands, with the
+    store's CRS and transform: no conversion, no open options."""
+    emb = open_embedding(series_store).load()
+    t, h, w, d = emb.shape
+    gdal = _gdal_bands(series_store)
+    assert gdal["count"] == t * d and gdal["shape"] == (h, w)
+    assert gdal["crs"].to_epsg() == 32618
+    assert gdal["transform"] == (160.0, 0.0, 500000.0, 0.0, -160.0, 4100000.0)
+    for band, tags in enumerate(gdal["tags"]):
+        ti, k = int(tags["DIM_time_INDEX"]), int(tags["DIM_embedding_INDEX"])
+        np.testing.assert_array_equal(gdal["values"][band], emb.values[ti, :, :, k])   # NaN where invalid too
+    assert {int(tags["DIM_time_INDEX"]) for tags in gdal["tags"]} == set(range(t))
+
+
+def test_to_zarr_store_opens_in_gdal_projected_and_geographic(tmp_path):
+    """analysis.to_zarr writes the same layout: a UTM embedding and one on a lon/lat grid open in GDAL
+    with their own CRS and transform, the vector as bands."""
+    import rioxarray  # noqa: F401
+
+    from terrafm.analysis import to_zarr
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(4, 6, 3)).astype("float32")
+    cases = {"utm": (32633, 300000 + 160 * np.arange(6) + 80, 5000000 - 160 * np.arange(4) - 80,
+                     (160.0, 0.0, 300000.0, 0.0, -160.0, 5000000.0)),
+             "lonlat": (4326, 10 + 0.002 * np.arange(6) + 0.001, 50 - 0.002 * np.arange(4) - 0.001,
+                        (0.002, 0.0, 10.0, 0.0, -0.002, 50.0))}
+    for name, (epsg, xs, ys, transform) in cases.items():
+        emb = xr.DataArray(values, dims=("y", "x", "embedding"), coords={"y": ys, "x": xs}, name="embedding")
+        emb = emb.assign_coords(valid=(("y", "x"), np.ones((4, 6), bool))).rio.write_crs(epsg)
+        path = to_zarr(emb, tmp_path / f"{name}.zarr")
+        gdal = _gdal_bands(path)
+        assert gdal["count"] == 3 and gdal["shape"] == (4, 6) and gdal["crs"].to_epsg() == epsg, name
+        np.testing.assert_allclose(gdal["transform"], transform, rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(gdal["values"], values.transpose(2, 0, 1))
+        assert "standard_name" not in emb["x"].attrs        # the caller's array is not modified
+        np.testing.assert_array_equal(open_embedding(path).values, values)
+
+
+def test_a_zarr_v3_store_of_an_earlier_version_still_opens_and_resumes(tmp_path, monkeypatch, series_ds,
+                                                                      series_model, series_store):
+    """Stores are written as zarr v2 now; a v3 store (terrafm before this change) keeps working: it
+    opens, and an unfinished one resumes in place (v3), computing only its missing date."""
+    import zarr
+
+    from terrafm.embed import embed
+
+    old = tmp_path / "v3.zarr"
+    v2 = xr.open_zarr(series_store, consolidated=False)
+    for var in v2.variables.values():          # v2's compressor is no v3 codec: zarr 3's defaults instead
+        var.encoding = {k: var.encoding[k] for k in ("chunks", "dtype", "_FillValue", "units", "calendar")
+                        if k in var.encoding}
+    v2.to_zarr(old, zarr_format=3, consolidated=False)
+    group = zarr.open_group(str(old), mode="r+")
+    assert group.metadata.zarr_format == 3
+    done = group["blocks_done"][...]
+    group["blocks_done"][1] = 0                                        # date 1 "not computed yet"
+    group["embedding_vectors"][1] = np.nan
+    calls = _forwards(monkeypatch, series_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        resumed = embed(series_ds, model=series_model, out=old, **KW)
+    assert len(calls) == int(done[1].sum())                            # one forward per block of date 1
+    assert zarr.open_group(str(old), mode="r").metadata.zarr_format == 3
+    np.testing.assert_array_equal(resumed.values, open_embedding(series_store).values)
+
+
 def _foreign_vectors(tmp_path, dtype="float32", nodata=-9999.0):
     """A 'foreign' product: 5-band GeoTIFF of vectors, EPSG:32633, 30 m, north-up, some nodata cells."""
     import rasterio
