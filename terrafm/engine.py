@@ -275,8 +275,7 @@ class Engine:
             for start in range(0, n, self.batch_size):
                 sl = slice(start, start + self.batch_size)
                 out = self._net({k: v[sl].to(self.device, non_blocking=True) for k, v in images.items()},
-                                masks={k: v[sl].to(self.device, non_blocking=True) for k, v in masks.items()},
-                                **self._forward_options)
+                                masks={k: v[sl] for k, v in masks.items()}, **self._forward_options)
                 if level == "chip":
                     parts = (out.cls, out.valid.flatten(1).any(1))
                 else:
@@ -320,10 +319,13 @@ class Engine:
         valid = np.zeros((h, w), bool)
         mvalid = {k: np.zeros((h, w), bool) for k in images}
         m, sp = grid.margin // PATCH_SIZE, grid.stride // PATCH_SIZE
-        host_masks = {k: v.numpy() if isinstance(v, self._torch.Tensor) else np.asarray(v) for k, v in masks.items()}
-        patch_masks = {k: patch_valid(v, PATCH_SIZE) for k, v in host_masks.items()}
-        kept, kept_valid = self._run_batches(self.stage(images), self.stage(masks), level,
+        # per-patch masks by the model's own (torch) rule, on the host: the model takes its mask
+        # decisions there, so a GPU forward never waits on a device-to-host read
+        patch_masks = {k: patch_valid(v if isinstance(v, self._torch.Tensor) else self._torch.from_numpy(np.asarray(v)),
+                                      PATCH_SIZE) for k, v in masks.items()}
+        kept, kept_valid = self._run_batches(self.stage(images), patch_masks, level,
                                              (slice(m, m + sp), slice(m, m + sp)))
+        patch_masks = {k: v.numpy() for k, v in patch_masks.items()}
         kept_finite = np.isfinite(kept).all(-1)
         non_finite = 0
         for i, chip in enumerate(chips):
@@ -370,7 +372,7 @@ class Engine:
                     if stop.is_set():
                         return
                     chips, images, masks = self.read_block(arrays, grid, block)
-                    item = (block, chips, self.stage(images), self.stage(masks))
+                    item = (block, chips, self.stage(images), masks)   # masks stay on the host (process)
                     while not stop.is_set():
                         try:
                             q.put(item, timeout=0.2)

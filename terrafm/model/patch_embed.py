@@ -164,12 +164,15 @@ class ModalityPatchEmbed(nn.Module):
         n_patches = (first.shape[2] // self.patch_size) * (first.shape[3] // self.patch_size)
         valid = position_valid = None                     # (M, B, N) and (B, N), or None
         if patch_valid and any(k in patch_valid for k in keys):
-            valid = torch.stack([patch_valid[k] if k in patch_valid
-                                 else torch.ones(batch, n_patches, dtype=torch.bool, device=first.device)
+            # the decisions below are taken where the masks are: on the host for masks given on
+            # the host (the engine's), so a GPU forward never waits for them
+            where = next(patch_valid[k].device for k in keys if k in patch_valid)
+            valid = torch.stack([patch_valid[k].to(where) if k in patch_valid
+                                 else torch.ones(batch, n_patches, dtype=torch.bool, device=where)
                                  for k in keys])
             present = valid.any(dim=2)             # (M, B): the modality has a valid patch in the row
             position_valid = valid.any(dim=0)
-            # one host read for every decision below (each read is a device sync on a GPU)
+            # one host read for every decision below (a device sync when the masks are on a GPU)
             summary = torch.cat([present.sum(dim=1), valid.all().view(1).long(),
                                  position_valid.all().view(1).long()]).tolist()
             n_rows = summary[:-2]
@@ -195,6 +198,10 @@ class ModalityPatchEmbed(nn.Module):
             pairs = present.nonzero()              # (modality, row), modality-major
             index = pairs[:, 0] * batch + pairs[:, 1]
             rows = [None if n == batch else r for n, r in zip(n_rows, pairs[:, 1].split(n_rows))]
+        if valid is not None and valid.device != first.device:
+            moved = [t if t is None else t.to(first.device, non_blocking=True)
+                     for t in (valid, position_valid, index, *rows)]
+            valid, position_valid, index, rows = moved[0], moved[1], moved[2], moved[3:]
         stems = []
         for key, sel in zip(keys, rows):
             if folded is None:

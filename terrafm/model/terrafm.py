@@ -252,7 +252,6 @@ class TerraFM(nn.Module):
                 mask = torch.as_tensor(mask)
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask {key!r} must be boolean (True = valid), got {mask.dtype}")
-            mask = mask.to(inputs[key].device)
             if tuple(mask.shape) == (b, h, w):
                 mask = sensors.patch_valid(mask, self.patch_size)
             elif tuple(mask.shape) != (b, gh, gw):
@@ -289,7 +288,9 @@ class TerraFM(nn.Module):
             become patches by :func:`terrafm.sensors.patch_valid` (valid when at least
             ``MIN_VALID_FRACTION`` of its pixels are). Invalid modality tokens
             take no part in the fusion; positions with no valid modality are excluded from the
-            trunk's attention, zeroed, and flagged in ``valid``.
+            trunk's attention, zeroed, and flagged in ``valid``. Masks may stay on the host
+            while the inputs are on a GPU: what they decide (which stems run on which rows) is
+            then decided on the host, with no device sync (:class:`terrafm.engine.Engine` does so).
         check_finite : bool
             Refuse NaN/inf inputs (reads one sum per modality back to the host: a device sync).
             ``False`` is for callers that checked on the host already (:class:`terrafm.engine.Engine`).

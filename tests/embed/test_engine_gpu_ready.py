@@ -137,3 +137,37 @@ def test_staged_inputs_are_host_tensors_without_pinning_on_cpu(tiny_model):
     (staged,) = engine.stage({"s1": array}).values()
     assert isinstance(staged, torch.Tensor) and not staged.is_pinned() and staged.is_contiguous()
     np.testing.assert_array_equal(staged.numpy(), array)
+
+
+def test_the_model_gets_per_patch_masks_on_the_host(tiny_model, masked_inputs):
+    """The engine hands the model per-patch masks as host tensors (the model's own pixel -> patch rule,
+    applied once per block), so the model's mask decisions (which stems run on which rows) read no
+    device memory: on a GPU no forward waits for a device-to-host copy. Same bits: the test above."""
+    gbox, arrays = masked_inputs
+    grid = ChipGrid(gbox, 64, 16)
+    engine = Engine(tiny_model, device="cpu", batch_size=3)
+    seen = []
+
+    def record(module, args, kwargs):
+        images = args[0]
+        seen.append({k: (m.device.type, m.dtype, tuple(m.shape), tuple(images[k].shape)) for k, m in kwargs["masks"].items()})
+
+    handle = engine.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        results = list(engine.run(arrays, grid, "patch", block_chips=2))
+    finally:
+        handle.remove()
+    assert seen and {frozenset(s) for s in seen} == {frozenset(arrays)}
+    for masks in seen:
+        for device, dtype, shape, image_shape in masks.values():
+            b, _, h, w = image_shape
+            assert (device, dtype, shape) == ("cpu", torch.bool, (b, h // PATCH_SIZE, w // PATCH_SIZE))
+    # and the per-patch modality validity the engine reports is the model's rule on the same masks
+    block = results[0].block
+    chips, _, masks = engine.read_block(arrays, grid, block)
+    key = next(iter(masks))
+    expected = patch_valid(torch.from_numpy(masks[key]), PATCH_SIZE).numpy()
+    m = grid.margin // PATCH_SIZE
+    chip = chips[0]
+    np.testing.assert_array_equal(results[0].modality_valid[key][:chip.ph, :chip.pw],
+                                  expected[0][m:m + chip.ph, m:m + chip.pw])
