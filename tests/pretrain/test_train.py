@@ -1,6 +1,7 @@
 """End-to-end tiny runs on real patches: learning without collapse, exact resume, 2-rank Gloo
 equivalence, export -> strict load -> same features, refusal to resume another config."""
 
+import contextlib
 import copy
 import math
 import os
@@ -29,6 +30,26 @@ SMOKE = ["model.out_dim=64", "model.drop_path_rate=0.1", "optim.base_lr=0.05",
          "optim.warmup_teacher_temp_epochs=0", "optim.teacher_temp=0.01", "optim.center_momentum=0.5"]
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """terrafm_tiny on batches of 8 small crops: a second OpenMP thread buys nothing and, on a busy
+    2-core runner, its spinning slows the run several times. The 30-iteration run took 19.0 s
+    wall / 18.7 s CPU with one thread, 21.1 s / 26.6 s with two (load ~1), 145 s / 115 s with
+    two on a machine shared by three jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
+
+
 def tiny_overrides(majortom, out: Path, extra=()) -> list[str]:
     root = majortom["root"]
     return [f"data.root={root}", f"data.cell_stats={root / 'cell_stats.csv'}", f"run.output_dir={out}",
@@ -40,7 +61,8 @@ def full_run(majortom, tmp_path_factory):
     out = tmp_path_factory.mktemp("full_run")
     cfg = load_config("tiny_cpu", tiny_overrides(majortom, out, [f"data.knn_root={majortom['root'] / 'knn'}",
                                                                 "run.knn_every=30"]))
-    losses = train(cfg, resume=None)
+    with one_torch_thread():
+        losses = train(cfg, resume=None)
     return {"cfg": cfg, "losses": losses, "out": out}
 
 
@@ -71,12 +93,17 @@ def test_tiny_run_learns_without_collapse(full_run):
 
 
 def test_resume_reproduces_the_uninterrupted_losses(full_run, majortom, tmp_path):
+    """Stopped at 7 (mid-epoch: 3 iterations per epoch; not a checkpoint_every multiple), resumed
+    across the checkpoint at 10 and two epoch boundaries: the losses are the uninterrupted run's.
+    Any state the checkpoint lost (optimizer, centers, schedules, RNG, sampler position) shows at
+    the first resumed step; 16 of the 30 iterations keep the test to half a run."""
     cfg = load_config("tiny_cpu", tiny_overrides(majortom, tmp_path / "split", [f"data.knn_root={majortom['root'] / 'knn'}",
                                                                                "run.knn_every=30"]))
-    first = train(cfg, resume="auto", stop_after=13)  # 13 is not a checkpoint_every multiple
+    first = train(cfg, resume="auto", stop_after=7)
     assert (tmp_path / "split" / "checkpoint.pth").exists()
-    second = train(cfg, resume="auto")
-    np.testing.assert_allclose(first + second, full_run["losses"], rtol=1e-6, atol=1e-7)
+    second = train(cfg, resume="auto", stop_after=16)
+    assert len(first) == 7 and len(second) == 9
+    np.testing.assert_allclose(first + second, full_run["losses"][:16], rtol=1e-6, atol=1e-7)
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(full_run, majortom, tmp_path):
