@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_terrafm import random_release_checkpoint
 
 from terrafm import sensors
 from terrafm.model import (
@@ -98,12 +97,11 @@ def _l1c_crop() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def release_model(tmp_path_factory):
+def release_model(release_checkpoint):
+    """terrafm_base with the session's release-layout file (random_release_checkpoint(seed=1))."""
     torch.set_num_threads(2)
-    path = tmp_path_factory.mktemp("release") / "TerraFM-B.pth"
-    torch.save(random_release_checkpoint(seed=0), path)
     model = create_model("terrafm_base", seed=0)
-    assert load_weights(model, path).fusion_mode == "mean"
+    assert load_weights(model, release_checkpoint).fusion_mode == "mean"
     return model.eval().fold_for_inference()      # the path embed() runs
 
 
