@@ -181,3 +181,16 @@ def release_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("release") / "TerraFM-B.pth"
     torch.save(random_release_checkpoint(seed=1), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def local_cluster():
+    """dask LocalCluster of two single-threaded worker processes, started once for the tests that
+    need one: each start costs two interpreters importing torch and terrafm (~10-15 s), each stop
+    up to 4 s. Open a ``distributed.Client(local_cluster)`` in the test (dask's default scheduler
+    only while it is open) and ``client.wait_for_workers(2)``: a test may kill a worker, whose
+    nanny then starts a new process."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=None) as cluster:
+        yield cluster

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 
 from terrafm.embed import EMBEDDING_VAR, embed
 
 HERE = Path(__file__).parent
+SIDE = 384       # 6 x 6 chips of 96 px (stride 64) per date: 72 one-chip blocks over the two dates
+KILL_AFTER = 12  # blocks stored before the kill: the other 60 leave the child seconds to live
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
@@ -26,7 +27,8 @@ from terrafm.model import create_model
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = create_model("terrafm_tiny", weights=sys.argv[2], seed=1).eval()
-ds = make_dataset(height=640, width=640, times=2, s1=True).chunk({{"y": 128, "x": 128}})
+SIDE = int(sys.argv[3])
+ds = make_dataset(height=SIDE, width=SIDE, times=2, s1=True).chunk({{"y": 128, "x": 128}})
 embed(ds, model=model, chip_size=96, overlap=16, block_chips=1, batch_size=1, device="cpu",
       progress=False, out=sys.argv[1])
 """
@@ -55,7 +57,7 @@ def _release_layout(tmp_path):
 def _dataset():
     from embed_helpers import make_dataset
 
-    return make_dataset(height=640, width=640, times=2, s1=True).chunk({"y": 128, "x": 128})
+    return make_dataset(height=SIDE, width=SIDE, times=2, s1=True).chunk({"y": 128, "x": 128})
 
 
 def _arrays(path):
@@ -66,17 +68,17 @@ def _arrays(path):
 def test_kill9_then_resume_is_bit_identical(tmp_path):
     out = tmp_path / "killed.zarr"
     weights = _release_layout(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=str(HERE)), str(out), str(weights)],
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=str(HERE)), str(out), str(weights), str(SIDE)],
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     done = 0
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (out / "blocks_done" / "zarr.json").exists():
+        if (out / "blocks_done").is_dir():   # zarr format 2 or 3: the array's folder exists
             try:
                 done = int(np.asarray(zarr.open_group(str(out), mode="r")["blocks_done"][...]).sum())
             except Exception:
                 done = 0
-            if done >= 20:
+            if done >= KILL_AFTER:
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
@@ -103,15 +105,15 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
     assert resumed.attrs["fusion"] == "mean"
 
 
-def test_local_cluster_equals_single_process(tmp_path):
-    distributed = pytest.importorskip("distributed")
+def test_local_cluster_equals_single_process(tmp_path, local_cluster):
+    import distributed
     from embed_helpers import make_dataset
 
     ds = make_dataset(height=192, width=224, times=1).chunk({"y": 64, "x": 64})
     kw = dict(chip_size=64, overlap=16, block_chips=2, batch_size=4, device="cpu", progress=False)
     single = embed(ds, model=_model(), **kw)
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with distributed.Client(local_cluster) as client:   # two single-threaded worker processes
+        client.wait_for_workers(2, timeout=120)
         spread = embed(ds, model=_model(), client=client, **kw)
         stored = embed(ds, model=_model(), client=client, out=tmp_path / "d.zarr", **kw)
         workers = client.run(lambda: sorted(__import__("terrafm.embed").embed._WORKER_MODELS))
