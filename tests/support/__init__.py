@@ -7,8 +7,9 @@ Session-scoped pytest fixtures (defined in ``tests/conftest.py``; use them by na
     10.2 km crop), ``aoi_bbox`` (a ~5 x 5 km lon/lat box, larger than a 224 px chip),
     ``start``/``end`` ("2021-06-01", "2021-07-31": five S2 dates, four S1 dates), ``s2_dates``,
     ``s1_dates``, ``baseline4_date`` (2022-02-14, baseline 04.00 with +1000 DN), ``root``
-    (the served directory) and ``manifest`` (per asset: path, shape, transform). Builds on first
-    use (~3 s), cached in ``$TERRAFM_TEST_DATA`` or ``~/.cache/terrafm-tests``.
+    (the served directory) and ``manifest`` (per asset: path, shape, transform); the known change
+    from ``change_date`` (``change_step``) on an 840 m block (``change_bounds`` UTM, ``change_bbox``
+    lon/lat). Builds on first use (~3 s), cached in ``$TERRAFM_TEST_DATA`` or ``~/.cache/terrafm-tests``.
 
 ``storage_server`` -> :class:`tests.support.storage_server.StorageServer`
     Range-capable COG server + SAS token endpoint + fault injection on 127.0.0.1.
@@ -26,6 +27,10 @@ Session-scoped pytest fixtures (defined in ``tests/conftest.py``; use them by na
     ``sentinel-2-l1c`` (1 Earth Search-shaped item, real L1C, direct hrefs).
 
 ``pgstac_server`` -> :class:`tests.support.pgstac_server.PgstacServer` (``add_items`` to load more).
+
+``local_cluster`` -> ``distributed.LocalCluster``
+    Two single-threaded worker processes, started once; open a ``distributed.Client`` on it in the
+    test and ``wait_for_workers(2)`` (a test may kill a worker: its nanny starts a new one).
 
 Example
 -------
