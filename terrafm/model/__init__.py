@@ -1,4 +1,4 @@
-"""TerraFM encoder: modality stems, cross-attention fusion, timm ViT trunk, registry, weights.
+"""TerraFM encoder: modality stems, cross-attention fusion, ViT trunk (timm layout), registry, weights.
 
 ``create_model`` is deterministic: the same name, weights and seed give the same parameters.
 

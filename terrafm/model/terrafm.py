@@ -1,4 +1,4 @@
-"""The TerraFM encoder: modality patch embedding + fusion, then a DINO ViT trunk of timm blocks."""
+"""The TerraFM encoder: modality patch embedding + fusion, then a DINO ViT trunk (timm-layout blocks, terrafm.model.vit)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.models.vision_transformer import Block
 
 from .. import sensors
 from .config import ModelConfig
 from .patch_embed import ModalityPatchEmbed
+from .vit import Block
 
 __all__ = ["TerraFM", "TerraFMOutput"]
 
