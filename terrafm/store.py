@@ -89,7 +89,17 @@ def with_cf_georeferencing(ds: xr.Dataset) -> xr.Dataset:
 def write_zarr(ds: xr.Dataset, path: str | os.PathLike, **to_zarr_kwargs: Any) -> Any:
     """``ds.to_zarr(path, ...)`` in the layout every terrafm store has: :data:`ZARR_FORMAT`, CF axes
     (:func:`with_cf_georeferencing`) and the CF ``spatial_ref`` coordinate ``ds`` carries, so GDAL, rioxarray
-    and xarray read it georeferenced."""
+    and xarray read it georeferenced.
+
+    Examples
+    --------
+    >>> import tempfile, zarr
+    >>> path = Path(tempfile.mkdtemp()) / "v.zarr"
+    >>> _ = write_zarr(xr.Dataset({"v": (("y", "x"), np.zeros((1, 2)))}, coords={"x": [5.0, 15.0], "y": [5.0]}),
+    ...                path, consolidated=False)
+    >>> zarr.open_group(str(path), mode="r").metadata.zarr_format == ZARR_FORMAT
+    True
+    """
     return with_cf_georeferencing(ds).to_zarr(path, zarr_format=ZARR_FORMAT, **to_zarr_kwargs)
 
 
